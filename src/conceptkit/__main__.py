@@ -1,0 +1,3 @@
+from conceptkit.cli import app
+
+app(prog_name="conceptkit")

@@ -1,0 +1,33 @@
+"""Domain errors. Each carries the exit code that `cli.py` turns it into."""
+
+from __future__ import annotations
+
+
+class ConceptkitError(Exception):
+    """A failure the user can act on; printed as one line, never as a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(ConceptkitError):
+    """Bad input: an option out of range, an unreadable file, an unknown name."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(UsageError):
+    """The model is not on disk (these machines cannot download)."""
+
+
+class UnsupportedModelError(UsageError):
+    """The model exists but is of an architecture conceptkit does not handle."""
+
+
+class ArtifactNotFoundError(UsageError):
+    """No artifact in the store matches the key or name given."""
+
+
+class StoreError(ConceptkitError):
+    """The store cannot be read or written (permissions, a full disk)."""
+
+    exit_code = 2
