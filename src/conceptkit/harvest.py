@@ -1,0 +1,355 @@
+"""Harvest: run the model's own sampler and record every denoising step.
+
+For each trajectory and step we keep the timestep, the latent the UNet saw (x_t) and the model's
+predicted clean latent x0. SliderSpace trains on every step's x0 (Gandikota et al. 2025, Sec. 3),
+not only on the final image. Trajectory i uses seed `seed + i` and prompt `prompts[i % P]`, so a
+trajectory is the same whatever the batch size or the order in which shards are written.
+Shards hold contiguous trajectory ranges and are written atomically: an interrupted harvest
+resumes with the missing trajectories only.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from conceptkit import store
+from conceptkit.errors import StoreError, UsageError
+from conceptkit.models import LoadedModel
+
+SHARD_RE = re.compile(r"^shard-(\d{6})-(\d{6})\.safetensors$")
+RECORDABLE = ("x0", "xt")
+HARVEST_FORMAT = 1
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What to sample and what to keep. Everything here but `batch_size` is part of the key."""
+
+    prompts: tuple[str, ...]
+    samples: int = 8  # trajectories; trajectory i uses seed + i and prompts[i % len(prompts)]
+    steps: int | None = None  # denoising steps; None: the model's default
+    guidance: float | None = None  # classifier-free guidance scale; None: the model's default
+    seed: int = 0  # seed of trajectory 0
+    negative_prompt: str = ""
+    height: int | None = None  # pixels; None: the model's native size
+    width: int | None = None
+    record: tuple[str, ...] = ("x0", "xt")  # per-step tensors to keep: predicted x0 and the input x_t
+    keep_every: int = 1  # keep every k-th step (the last step is always kept)
+    store_dtype: str = "float16"  # float16 halves the disk size; float32 keeps it exact
+    batch_size: int = 8  # trajectories per sampler call; does not change the key
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise UsageError("no prompt given")
+        for p in self.prompts:
+            if not p.strip():
+                raise UsageError("empty prompt: give the concept as text, e.g. 'a person'")
+        for name in ("samples", "batch_size", "keep_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1 (got {self.steps})")
+        if self.guidance is not None and self.guidance < 0:
+            raise UsageError(f"--guidance must be 0 or more (got {self.guidance})")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise UsageError(f"--{name} must be a multiple of 8 and at least 8 (got {v})")
+        bad = [r for r in self.record if r not in RECORDABLE]
+        if bad or not self.record:
+            raise UsageError(f"--record takes a comma list of {', '.join(RECORDABLE)} (got {','.join(self.record)})")
+        if self.store_dtype not in ("float16", "float32", "bfloat16"):
+            raise UsageError(f"--store-dtype must be float16, float32 or bfloat16 (got {self.store_dtype})")
+
+    def resolved(self, model: LoadedModel) -> HarvestConfig:
+        """Fill the model-dependent defaults."""
+        size = model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+        return HarvestConfig(
+            **{
+                **asdict(self),
+                "steps": self.steps if self.steps is not None else model.default_steps,
+                "guidance": self.guidance if self.guidance is not None else model.default_guidance,
+                "height": self.height or size,
+                "width": self.width or size,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    """What `run` produced: the artifact, and whether it was already there."""
+
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    cached: bool
+    computed: int  # trajectories computed by this call
+    seconds: float
+
+
+@dataclass
+class Harvest:
+    """A loaded harvest: tensors stacked over trajectories, in trajectory order."""
+
+    manifest: dict[str, Any]
+    timesteps: torch.Tensor  # (T,) timesteps of the kept steps
+    seeds: torch.Tensor  # (N,)
+    prompt_index: torch.Tensor  # (N,) index into manifest["prompts"]
+    final: torch.Tensor  # (N, C, h, w) the sampler's final latent
+    x0: torch.Tensor | None = None  # (N, T, C, h, w)
+    xt: torch.Tensor | None = None  # (N, T, C, h, w)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def harvest_key(model: LoadedModel, cfg: HarvestConfig) -> str:
+    settings = asdict(cfg)
+    for transient in ("samples", "batch_size"):
+        settings.pop(transient)
+    return store.make_key({"format": HARVEST_FORMAT, "model": model.identity(), "settings": settings})
+
+
+# ---------------------------------------------------------------- recording
+
+
+class _StepRecorder:
+    """Wraps a scheduler instance's `step` to keep x_t, x0 and t of every call.
+
+    The pipelines call `scheduler.step(..., return_dict=False)[0]` and drop the x0 estimate;
+    this asks for the full output instead (DDIM, DDPM, Euler give `pred_original_sample`,
+    LCM gives `denoised`) and computes x0 from the model output where a scheduler gives none.
+    """
+
+    def __init__(self, scheduler, keep_xt: bool):
+        self.scheduler = scheduler
+        self.keep_xt = keep_xt
+        self.timesteps: list[int] = []
+        self.x0: list[torch.Tensor] = []
+        self.xt: list[torch.Tensor] = []
+
+    def __enter__(self) -> _StepRecorder:
+        original = self.scheduler.step
+
+        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:
+                x0 = getattr(out, "denoised", None)
+            if x0 is None:
+                x0 = self._x0_from_output(model_output, timestep, sample)
+            self.timesteps.append(int(timestep))
+            self.x0.append(x0.detach())
+            if self.keep_xt:
+                self.xt.append(sample.detach())
+            return out if return_dict else (out.prev_sample,)
+
+        self.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.scheduler.step  # drop the instance attribute: the class method shows again
+
+    def _x0_from_output(self, model_output, timestep, sample) -> torch.Tensor:
+        config = self.scheduler.config
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise UsageError(f"cannot read x0 from scheduler {type(self.scheduler).__name__}; use DDIM, DDPM, Euler or LCM")
+        a = alphas.to(sample.device)[int(timestep)].to(sample.dtype)
+        kind = config.get("prediction_type", "epsilon")
+        if kind == "epsilon":
+            return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+        if kind == "v_prediction":
+            return a.sqrt() * sample - (1 - a).sqrt() * model_output
+        return model_output
+
+
+def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Run the pipeline for trajectories `indices` and return their shard tensors."""
+    pipe = model.pipe
+    gen_device = "cpu" if model.device.type == "mps" else model.device
+    generators = [torch.Generator(gen_device).manual_seed(cfg.seed + i) for i in indices]
+    prompts = [cfg.prompts[i % len(cfg.prompts)] for i in indices]
+    with _StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, torch.inference_mode():
+        final = pipe(
+            prompt=prompts,
+            negative_prompt=[cfg.negative_prompt] * len(indices) if cfg.negative_prompt else None,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            height=cfg.height,
+            width=cfg.width,
+            generator=generators,
+            output_type="latent",
+        ).images
+    n_steps = len(rec.timesteps)
+    kept = [s for s in range(n_steps) if s % cfg.keep_every == 0 or s == n_steps - 1]
+    dtype = getattr(torch, cfg.store_dtype)
+    out = {
+        "final": final.to(dtype),
+        "seeds": torch.tensor([cfg.seed + i for i in indices], dtype=torch.int64),
+        "prompt_index": torch.tensor([i % len(cfg.prompts) for i in indices], dtype=torch.int64),
+        "timesteps": torch.tensor([rec.timesteps[s] for s in kept], dtype=torch.int64),
+    }
+    if "x0" in cfg.record:
+        out["x0"] = torch.stack([rec.x0[s] for s in kept], dim=1).to(dtype)
+    if "xt" in cfg.record:
+        out["xt"] = torch.stack([rec.xt[s] for s in kept], dim=1).to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _shard_name(start: int, stop: int) -> str:
+    return f"shard-{start:06d}-{stop:06d}.safetensors"
+
+
+def shard_ranges(path: Path) -> list[tuple[int, int]]:
+    """The trajectory ranges [start, stop) already on disk, sorted."""
+    if not path.is_dir():
+        return []
+    ranges = [(int(m[1]), int(m[2])) for f in path.iterdir() if (m := SHARD_RE.match(f.name))]
+    return sorted(ranges)
+
+
+def _missing(done: list[tuple[int, int]], n: int) -> list[int]:
+    have = set()
+    for a, b in done:
+        have.update(range(a, b))
+    return [i for i in range(n) if i not in have]
+
+
+def _batches(indices: list[int], size: int) -> list[list[int]]:
+    """Split sorted indices into contiguous runs of at most `size`."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and len(out[-1]) < size and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None, on_wait=None) -> HarvestResult:
+    """Harvest `cfg.samples` trajectories of `model`, reusing and completing what the store has."""
+    cfg = cfg.resolved(model)
+    key = harvest_key(model, cfg)
+    art = store.artifact("harvest", key)
+    started = time.perf_counter()
+    with art.lock(on_wait=on_wait):
+        # 1. what is there already
+        todo = _missing(shard_ranges(art.path), cfg.samples)
+        computed = len(todo)
+        timesteps = None
+        if art.exists():
+            timesteps = art.manifest().get("timesteps")
+        if todo:
+            # 2. the manifest first, so an interrupted artifact still says what it is
+            art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps))
+            done = cfg.samples - len(todo)
+            if progress:
+                progress(done, cfg.samples)
+            # 3. sample batch by batch, each batch one atomic shard
+            for batch in _batches(todo, cfg.batch_size):
+                tensors = _sample_batch(model, cfg, batch)
+                timesteps = tensors["timesteps"].tolist()
+                store.write_tensors(art.path / _shard_name(batch[0], batch[-1] + 1), tensors, {"format": str(HARVEST_FORMAT)})
+                done += len(batch)
+                if progress:
+                    progress(done, cfg.samples)
+        # 4. the manifest records the complete state
+        manifest = art.manifest() if not todo and art.exists() else None
+        if manifest is None or manifest.get("samples", 0) < cfg.samples or not manifest.get("complete"):
+            manifest = _manifest(model, cfg, art, complete=True, timesteps=timesteps)
+            art.write_manifest(manifest)
+            manifest = art.manifest()
+    return HarvestResult(key, art.path, manifest, cached=computed == 0, computed=computed, seconds=time.perf_counter() - started)
+
+
+def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, complete: bool, timesteps) -> dict[str, Any]:
+    ranges = shard_ranges(art.path)
+    available = len(set(i for a, b in ranges for i in range(a, b)))
+    previous = art.manifest() if art.exists() else {}
+    settings = asdict(cfg)
+    settings.pop("batch_size")
+    return {
+        "created": previous.get("created", time.time()),
+        "updated": time.time(),
+        "model": model.identity(),
+        "prompts": list(cfg.prompts),
+        "settings": settings,
+        "samples": available,
+        "steps": cfg.steps,
+        "timesteps": timesteps or [],
+        "record": list(cfg.record),
+        "complete": complete,
+        "shards": [_shard_name(a, b) for a, b in ranges],
+        "bytes": sum((art.path / _shard_name(a, b)).stat().st_size for a, b in ranges),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from conceptkit import __version__
+
+    return {"conceptkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load(path: Path, samples: int | None = None, names: Sequence[str] = ("x0", "xt")) -> Harvest:
+    """Read a harvest folder's first `samples` trajectories (all if None) into one `Harvest`."""
+    path = Path(path)
+    art = store.Artifact("harvest", path.name, path)
+    manifest = art.manifest()
+    parts: dict[str, list[torch.Tensor]] = {}
+    timesteps = None
+    count = 0
+    for a, b in shard_ranges(path):
+        if samples is not None and a >= samples:
+            break
+        try:
+            with safe_open(str(path / _shard_name(a, b)), framework="pt") as f:
+                for name in f.keys():
+                    if name == "timesteps":
+                        timesteps = f.get_tensor(name)
+                    elif name in ("final", "seeds", "prompt_index") or name in names:
+                        parts.setdefault(name, []).append(f.get_tensor(name))
+        except Exception as exc:  # a damaged shard must say where it is
+            raise StoreError(f"cannot read harvest shard {path / _shard_name(a, b)}: {exc}") from exc
+        count = b
+    if timesteps is None:
+        raise StoreError(f"harvest {path.name} has no shards; run `conceptkit harvest` again to complete it")
+    cat = {k: torch.cat(v)[: samples or count] for k, v in parts.items()}
+    return Harvest(
+        manifest=manifest,
+        timesteps=timesteps,
+        seeds=cat["seeds"],
+        prompt_index=cat["prompt_index"],
+        final=cat["final"],
+        x0=cat.get("x0"),
+        xt=cat.get("xt"),
+    )
+
+
+@torch.inference_mode()
+def decode(model: LoadedModel, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Decode latents (N, C, h, w) with the model's VAE to images in [0, 1], shape (N, 3, H, W)."""
+    vae = model.pipe.vae
+    images = []
+    for chunk in latents.split(batch_size):
+        chunk = chunk.to(model.device, vae.dtype) / vae.config.scaling_factor
+        images.append(((vae.decode(chunk).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(images) if images else torch.empty(0)

@@ -1,0 +1,111 @@
+"""Rendering: chatter, progress and tables go to stderr; `--json` documents go to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def info(message: str) -> None:
+    err.print(message)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout, nothing else there."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(v) for v in r])
+    err.print(t)
+
+
+class _Rate(TextColumn):
+    """Items per second since the task started."""
+
+    def __init__(self, unit: str):
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):  # noqa: D401 - rich API
+        from rich.text import Text
+
+        elapsed = task.elapsed or 0.0
+        done = task.completed - task.fields.get("start", 0)
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        return Text(f"{rate:.2f} {self.unit}/s")
+
+
+@contextmanager
+def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterator:
+    """A progress bar on stderr; yields `update(done, total, **fields)`."""
+    if not enabled:
+        yield lambda done, total, **fields: None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TextColumn("{task.fields[extra]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    task = None
+
+    def update(done: int, total: int, **fields) -> None:
+        nonlocal task
+        extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        if task is None:
+            task = bar.add_task(description, total=total, completed=done, start=done, extra=extra)
+        else:
+            bar.update(task, total=total, completed=done, extra=extra)
+
+    with bar:
+        yield update
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
