@@ -1,0 +1,117 @@
+"""What every command shares: the Typer apps, common options, model loading and error handling."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from conceptkit import ui
+from conceptkit.errors import ConceptkitError
+
+app = typer.Typer(
+    name="conceptkit",
+    help="Take a text-to-image diffusion model apart and see what it knows about a concept.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="See and manage the artifact store.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+_state = {"verbose": False}
+
+# ---------------------------------------------------------------- shared options
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id in the local cache, diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="Diffusers config folder (or cached hub id) for a single-file .safetensors model.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def model_spec(model: str | None) -> str:
+    return model or os.environ.get("CONCEPTKIT_MODEL") or "toy"
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (deprecations, optional-backend notes) off the user's stderr."""
+    import warnings
+
+    if _state["verbose"]:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        diffusers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def command(fn):
+    """Turn domain errors into one line and an exit code; never a traceback unless --verbose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except ConceptkitError as exc:
+            if _state["verbose"]:
+                ui.err.print_exception()
+            ui.error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            ui.error("interrupted; finished work is kept and a rerun resumes it")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if _state["verbose"]:
+                ui.err.print_exception()
+            ui.error(f"{type(exc).__name__}: {exc} (run with --verbose for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def load(model: str | None, device: str, dtype: str, config: Path | None):
+    from conceptkit.models import load_model
+
+    spec = model_spec(model)
+    with ui.err.status(f"loading {spec}"):
+        return load_model(spec, device=device, dtype=dtype, config=config)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and library logs.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["verbose"] = verbose
+    if version:
+        from conceptkit import __version__
+
+        print(__version__)
+        raise typer.Exit(0)
+
+

@@ -1,0 +1,118 @@
+"""`conceptkit harvest`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from conceptkit import ui
+from conceptkit.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    load,
+    app,
+    command,
+)
+from conceptkit.errors import UsageError
+
+
+def _read_prompts(prompt: str | None, prompts_file: Path | None, templates: bool) -> tuple[str, ...]:
+    from conceptkit.prompts import expand_templates
+
+    prompts: list[str] = []
+    if prompt is not None:
+        prompts.append(prompt)
+    if prompts_file is not None:
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read prompts file {prompts_file}: {getattr(exc, 'strerror', None) or exc}") from exc
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not lines:
+            raise UsageError(f"prompts file {prompts_file} has no prompts")
+        prompts.extend(lines)
+    if not prompts:
+        raise UsageError("give a PROMPT or --prompts-file")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt: give the concept as text, e.g. 'a person'")
+    if templates:
+        prompts = expand_templates(prompts)
+    return tuple(prompts)
+
+
+@app.command()
+@command
+def harvest(
+    prompt: Annotated[Optional[str], typer.Argument(help="The concept prompt, e.g. 'a person'.", show_default=False)] = None,
+    model: ModelOpt = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Trajectories (seeds seed, seed+1, ...).")] = 8,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps. Default: the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first trajectory.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Trajectories per sampler call.")] = 8,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line (cycled over trajectories).", show_default=False)] = None,
+    templates: Annotated[bool, typer.Option(help="Expand each prompt into built-in context templates ('a photo of {}', ...).")] = False,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for guidance.")] = "",
+    record: Annotated[str, typer.Option(help="Per-step tensors to keep: x0, xt or x0,xt.")] = "x0,xt",
+    keep_every: Annotated[int, typer.Option(help="Keep every k-th step (the last is always kept).")] = 1,
+    store_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 on disk.")] = "float16",
+    height: Annotated[Optional[int], typer.Option(help="Image height. Default: the model's.", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width. Default: the model's.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample a concept and record every step's predicted clean latent (x0). Cached and resumable."""
+    from conceptkit import harvest as stage
+
+    cfg = stage.HarvestConfig(
+        prompts=_read_prompts(prompt, prompts_file, templates),
+        samples=samples,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        record=tuple(r.strip() for r in record.split(",") if r.strip()),
+        keep_every=keep_every,
+        store_dtype=store_dtype,
+        batch_size=batch_size,
+    )
+    loaded = load(model, device, dtype, config)
+    with ui.progress("harvest", unit="samples", enabled=not json_out or sys.stderr.isatty()) as bar:
+        result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
+    m = result.manifest
+    out = {
+        "key": result.key,
+        "path": str(result.path),
+        "model": m["model"],
+        "prompts": m["prompts"],
+        "samples": cfg.samples,
+        "available": m["samples"],
+        "steps": m["steps"],
+        "timesteps": m["timesteps"],
+        "record": m["record"],
+        "cached": result.cached,
+        "computed": result.computed,
+        "bytes": m["bytes"],
+        "seconds": round(result.seconds, 3),
+    }
+    if json_out:
+        ui.print_json(out)
+        return
+    ui.table(
+        "harvest",
+        ["model", "prompt", "samples", "steps", "size on disk", "seconds", "cached"],
+        [(m["model"]["spec"], m["prompts"][0] + (f" (+{len(m['prompts']) - 1})" if len(m["prompts"]) > 1 else ""), cfg.samples, m["steps"], ui.human_size(m["bytes"]), f"{result.seconds:.1f}", "yes" if result.cached else "no")],
+    )
+    ui.info(f"key {result.key}  {result.path}")
+
+
