@@ -8,10 +8,9 @@ word becomes a single token, any other text falls back to single characters.
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Sequence
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -19,16 +18,34 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _train_merges(words: Sequence[str]) -> list[tuple[str, str]]:
-    """BPE merges, in rank order, learned until every word of `words` is one symbol."""
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(words, trainer)
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """Plain BPE (Sennrich et al. 2016) until every word is one symbol; ties broken by the pair.
+
+    The `tokenizers` trainer breaks ties through randomly seeded hash maps, so its token ids
+    differ between processes; this is deterministic.
+    """
+    byte_char = bytes_to_unicode()
+    pieces = [tuple(byte_char[b] for b in w.encode()) for w in words]
+    pieces = [w[:-1] + (w[-1] + "</w>",) for w in pieces if len(w) > 1]  # CLIP marks a word's last symbol
+    merges: list[tuple[str, str]] = []
+    while pieces:
+        counts = Counter(pair for w in pieces for pair in zip(w, w[1:]))
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append((a, b))
+        merged = []
+        for w in pieces:
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            if len(out) > 1:
+                merged.append(tuple(out))
+        pieces = merged
+    return merges
 
 
 def build_clip_tokenizer(words: Sequence[str], max_length: int = 77) -> CLIPTokenizer:
@@ -42,7 +59,7 @@ def build_clip_tokenizer(words: Sequence[str], max_length: int = 77) -> CLIPToke
     vocab: dict[str, int] = {}
     for symbol in alphabet + [a + "</w>" for a in alphabet]:
         vocab.setdefault(symbol, len(vocab))
-    merges = _train_merges(sorted({w.lower() for w in words}))
+    merges = _learn_merges(sorted({w.lower() for w in words}))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for token in SPECIAL:
