@@ -1,0 +1,94 @@
+"""Harvest overhead: conceptkit's recording harvest against the plain diffusers pipeline.
+
+Both produce the same latents for the same seeds; the plain pipeline keeps only the final
+latent, the harvest also records x_t and x0 of every step and writes shards to the store.
+The ratio (ours / plain) is measured in one run, alternating the two, median of repeats.
+
+    python bench/harvest.py --model toy --samples 32 --steps 20 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-sd")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+
+    os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-bench-")
+    from conceptkit import harvest
+    from conceptkit.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    guidance = model.default_guidance if args.guidance is None else args.guidance
+    prompt = "a shape" if args.model == "toy" else "a cat"
+
+    def plain() -> torch.Tensor:
+        out = []
+        for start in range(0, args.samples, args.batch_size):
+            idx = range(start, min(start + args.batch_size, args.samples))
+            gens = [torch.Generator(model.device).manual_seed(i) for i in idx]
+            with torch.inference_mode():
+                out.append(model.pipe([prompt] * len(idx), num_inference_steps=args.steps, guidance_scale=guidance,
+                                      generator=gens, output_type="latent").images)
+        return torch.cat(out)
+
+    def ours(rep: int) -> torch.Tensor:
+        cfg = harvest.HarvestConfig(prompts=(prompt,), samples=args.samples, steps=args.steps, guidance=guidance,
+                                    batch_size=args.batch_size, seed=0, negative_prompt="", store_dtype="float32")
+        os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix=f"ck-bench-{rep}-")  # never a cache hit
+        res = harvest.run(model, cfg)
+        return harvest.load(res.path).final
+
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    plain()  # warm-up
+    times = {"plain": [], "ours": []}
+    same = True
+    for rep in range(args.repeats):
+        sync(); t = time.perf_counter(); a = plain(); sync(); times["plain"].append(time.perf_counter() - t)
+        sync(); t = time.perf_counter(); b = ours(rep); sync(); times["ours"].append(time.perf_counter() - t)
+        same = same and torch.allclose(a.float().cpu(), b.float(), atol=1e-5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    record = {
+        "bench": "harvest",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "device": str(model.device) + (f" ({torch.cuda.get_device_name()})" if model.device.type == "cuda" else ""),
+        "torch_threads": torch.get_num_threads(),
+        "model": args.model,
+        "samples": args.samples,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "plain_s": round(med["plain"], 3),
+        "ours_s": round(med["ours"], 3),
+        "ratio": round(med["ours"] / med["plain"], 3),
+        "same_latents": same,
+    }
+    print(json.dumps(record))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
