@@ -104,3 +104,12 @@ def test_models_lists_builtins():
     assert r.exit_code == 0
     names = {m["name"] for m in json.loads(r.stdout)}
     assert {"toy", "tiny-sd", "tiny-sdxl"} <= names
+
+
+def test_harvest_saves_images_with_their_settings(tmp_path):
+    from PIL import Image
+
+    doc = json.loads(invoke("harvest", "a cat", "--model", "tiny-sd", "--samples", "2", "--steps", "2", "--seed", "5", "--save-images", str(tmp_path / "img"), "--json").stdout)
+    assert len(doc["images"]) == 2
+    meta = json.loads(Image.open(doc["images"][1]).text["conceptkit"])
+    assert meta["seed"] == 6 and meta["prompt"] == "a cat" and meta["model"]["spec"] == "tiny-sd"

@@ -65,7 +65,7 @@ class _Rate(TextColumn):
         from rich.text import Text
 
         elapsed = task.elapsed or 0.0
-        done = task.completed - task.fields.get("start", 0)
+        done = task.completed - task.fields.get("first", 0)
         rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
         return Text(f"{rate:.2f} {self.unit}/s")
 
@@ -94,7 +94,7 @@ def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterat
         nonlocal task
         extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         if task is None:
-            task = bar.add_task(description, total=total, completed=done, start=done, extra=extra)
+            task = bar.add_task(description, total=total, completed=done, first=done, extra=extra)
         else:
             bar.update(task, total=total, completed=done, extra=extra)
 

@@ -67,6 +67,7 @@ def harvest(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     config: ConfigOpt = None,
+    save_images: Annotated[Optional[Path], typer.Option(help="Also decode the final images and write them as PNGs here.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Sample a concept and record every step's predicted clean latent (x0). Cached and resumable."""
@@ -90,6 +91,7 @@ def harvest(
     with ui.progress("harvest", unit="samples", enabled=not json_out or sys.stderr.isatty()) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     m = result.manifest
+    images = stage.save_images(loaded, result.path, save_images, cfg.samples) if save_images else []
     out = {
         "key": result.key,
         "path": str(result.path),
@@ -104,6 +106,7 @@ def harvest(
         "computed": result.computed,
         "bytes": m["bytes"],
         "seconds": round(result.seconds, 3),
+        "images": [str(p) for p in images],
     }
     if json_out:
         ui.print_json(out)
