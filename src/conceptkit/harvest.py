@@ -10,7 +10,9 @@ resumes with the missing trajectories only.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -221,13 +223,6 @@ def shard_ranges(path: Path) -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
-def _missing(done: list[tuple[int, int]], n: int) -> list[int]:
-    have = set()
-    for a, b in done:
-        have.update(range(a, b))
-    return [i for i in range(n) if i not in have]
-
-
 def _batches(indices: list[int], size: int) -> list[list[int]]:
     """Split sorted indices into contiguous runs of at most `size`."""
     out: list[list[int]] = []
@@ -239,39 +234,73 @@ def _batches(indices: list[int], size: int) -> list[list[int]]:
     return out
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch` / torchrun, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _work(done: list[tuple[int, int]], n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of missing trajectories.
+
+    Trajectories are cut into fixed chunks [j*B, (j+1)*B); chunk j belongs to process j % world,
+    so processes never compute the same trajectory, however late each one starts.
+    """
+    have = {i for a, b in done for i in range(a, b)}
+    batches: list[list[int]] = []
+    for j, start in enumerate(range(0, n, batch_size)):
+        if j % world == rank:
+            batches.extend(_batches([i for i in range(start, min(start + batch_size, n)) if i not in have], batch_size))
+    return batches
+
+
 def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None, on_wait=None) -> HarvestResult:
-    """Harvest `cfg.samples` trajectories of `model`, reusing and completing what the store has."""
+    """Harvest `cfg.samples` trajectories of `model`, reusing and completing what the store has.
+
+    Under `accelerate launch` each process computes its own share and writes its own shards;
+    the main process writes the manifest once all shards are in.
+    """
     cfg = cfg.resolved(model)
     key = harvest_key(model, cfg)
     art = store.artifact("harvest", key)
+    rank, world = distributed()
     started = time.perf_counter()
-    with art.lock(on_wait=on_wait):
-        # 1. what is there already
-        todo = _missing(shard_ranges(art.path), cfg.samples)
-        computed = len(todo)
-        timesteps = None
-        if art.exists():
-            timesteps = art.manifest().get("timesteps")
-        if todo:
+    # Processes of one launch share the work by chunk ownership; separate runs take the key's lock.
+    guard = art.lock(on_wait=on_wait) if world == 1 else contextlib.nullcontext()
+    with guard:
+        # 1. what is there already, and this process's share of what is missing
+        batches = _work(shard_ranges(art.path), cfg.samples, cfg.batch_size, rank, world)
+        mine = sum(len(b) for b in batches)
+        timesteps = art.manifest().get("timesteps") if art.exists() else None
+        if batches and rank == 0:
             # 2. the manifest first, so an interrupted artifact still says what it is
             art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps))
-            done = cfg.samples - len(todo)
+        done = 0
+        if progress and batches:
+            progress(done, mine)
+        # 3. sample batch by batch, each batch one atomic shard
+        for batch in batches:
+            tensors = _sample_batch(model, cfg, batch)
+            timesteps = tensors["timesteps"].tolist()
+            store.write_tensors(art.path / _shard_name(batch[0], batch[-1] + 1), tensors, {"format": str(HARVEST_FORMAT)})
+            done += len(batch)
             if progress:
-                progress(done, cfg.samples)
-            # 3. sample batch by batch, each batch one atomic shard
-            for batch in _batches(todo, cfg.batch_size):
-                tensors = _sample_batch(model, cfg, batch)
-                timesteps = tensors["timesteps"].tolist()
-                store.write_tensors(art.path / _shard_name(batch[0], batch[-1] + 1), tensors, {"format": str(HARVEST_FORMAT)})
-                done += len(batch)
-                if progress:
-                    progress(done, cfg.samples)
+                progress(done, mine)
+        computed = mine
+        if world > 1:
+            from accelerate import PartialState
+            from accelerate.utils import gather_object
+
+            PartialState().wait_for_everyone()
+            computed = sum(gather_object([mine]))
+            timesteps = timesteps or next((t for t in gather_object([timesteps]) if t), None)
         # 4. the manifest records the complete state
-        manifest = art.manifest() if not todo and art.exists() else None
-        if manifest is None or manifest.get("samples", 0) < cfg.samples or not manifest.get("complete"):
-            manifest = _manifest(model, cfg, art, complete=True, timesteps=timesteps)
-            art.write_manifest(manifest)
-            manifest = art.manifest()
+        if rank == 0:
+            manifest = art.manifest() if art.exists() else {}
+            if computed or manifest.get("samples", 0) < cfg.samples or not manifest.get("complete"):
+                art.write_manifest(_manifest(model, cfg, art, complete=True, timesteps=timesteps))
+        if world > 1:
+            PartialState().wait_for_everyone()
+        manifest = art.manifest()
     return HarvestResult(key, art.path, manifest, cached=computed == 0, computed=computed, seconds=time.perf_counter() - started)
 
 

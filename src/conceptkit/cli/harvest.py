@@ -87,9 +87,16 @@ def harvest(
         store_dtype=store_dtype,
         batch_size=batch_size,
     )
+    rank, world = stage.distributed()
+    if world > 1 and device == "auto":  # under `accelerate launch`: this process's own device
+        from accelerate import PartialState
+
+        device = str(PartialState().device)
     loaded = load(model, device, dtype, config)
-    with ui.progress("harvest", unit="samples", enabled=not json_out or sys.stderr.isatty()) as bar:
+    with ui.progress("harvest", unit="samples", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
+    if rank != 0:  # one report per launch, from the main process
+        return
     m = result.manifest
     images = stage.save_images(loaded, result.path, save_images, cfg.samples) if save_images else []
     out = {

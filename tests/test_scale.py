@@ -1,0 +1,40 @@
+"""Scale-out: a two-process `accelerate launch` harvest equals the single-process one (opt-in: -m slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conceptkit import harvest
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_harvest_equals_single_process(tmp_path):
+    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    args = ["harvest", "a cat", "--model", "tiny-sd", "--samples", "10", "--steps", "3", "--batch-size", "2", "--json"]
+    env = {**os.environ, "CONCEPTKIT_HOME": str(tmp_path / "two")}
+    two = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "conceptkit", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr
+    env["CONCEPTKIT_HOME"] = str(tmp_path / "one")
+    one = subprocess.run([sys.executable, "-m", "conceptkit", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    a, b = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document per launch
+    assert a["key"] == b["key"] and a["available"] == b["available"] == 10 and a["computed"] == 10
+    ha, hb = harvest.load(a["path"]), harvest.load(b["path"])
+    for name in ("x0", "xt", "final", "seeds", "timesteps"):
+        assert torch.equal(getattr(ha, name), getattr(hb, name)), name
+
+
+def test_work_is_split_by_chunk_ownership():
+    done = [(0, 2), (5, 6)]
+    shares = [harvest._work(done, 11, 3, rank, 2) for rank in range(2)]
+    flat = sorted(i for share in shares for batch in share for i in batch)
+    assert flat == [2, 3, 4, 6, 7, 8, 9, 10]  # every missing trajectory once
+    assert shares[0] == [[2], [6, 7, 8]] and shares[1] == [[3, 4], [9, 10]]
