@@ -33,7 +33,7 @@ from conceptkit.errors import ArtifactNotFoundError, StoreError, UsageError
 APP = "conceptkit"
 MANIFEST = "manifest.json"
 # Which root each kind lives under: recomputable caches versus user data worth keeping.
-KINDS = {"harvest": "cache", "cluster": "cache", "evaluate": "cache", "sliders": "data"}
+KINDS = {"harvest": "cache", "cluster": "cache", "evaluate": "cache", "sliders": "data", "neurons": "cache"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

@@ -1,0 +1,156 @@
+"""`conceptkit cluster`: Picasso's sub-concepts of a concept's neurons."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from conceptkit import ui
+from conceptkit.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    command,
+    load,
+)
+from conceptkit.errors import UsageError
+
+
+def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on):
+    """(loaded model, harvest folder): the given harvest, or a fresh (cached) one of PROMPT."""
+    from conceptkit import harvest as stage
+    from conceptkit import store
+
+    if (prompt is None) == (harvest_key is None):
+        raise UsageError("give a PROMPT or --harvest KEY (one of them)")
+    if harvest_key is not None:
+        art = store.find("harvest", harvest_key)
+        manifest = art.manifest()
+        if not manifest.get("samples"):
+            raise UsageError(f"harvest {art.key} holds no samples; run `conceptkit harvest` again to complete it")
+        loaded = load(model or manifest["model"]["spec"], device, dtype, config)
+        return loaded, art.path
+    cfg = stage.HarvestConfig(prompts=(prompt,), samples=samples, steps=steps, guidance=guidance, seed=seed)
+    loaded = load(model, device, dtype, config)
+    with ui.progress("harvest", unit="samples", enabled=bar_on) as bar:
+        result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
+    return loaded, result.path
+
+
+def _reference_images(loaded, harvest_path: Path, n: int = 4):
+    """The first `n` final samples of the harvest, decoded: (n, 3, H, W) in [0, 1]."""
+    from conceptkit import harvest as stage
+
+    return stage.decode(loaded, stage.load(harvest_path, samples=n, names=()).final).numpy()
+
+
+@app.command()
+@command
+def cluster(
+    prompt: Annotated[Optional[str], typer.Argument(help="The concept prompt, e.g. 'a red circle'.", show_default=False)] = None,
+    harvest: Annotated[Optional[str], typer.Option("--harvest", help="Use this harvest (key or prefix) instead of a PROMPT.", show_default=False)] = None,
+    model: ModelOpt = None,
+    tau: Annotated[float, typer.Option(help="High-pass threshold on neuron importance (a quantile in [0, 1) by default).")] = 0.9,
+    tau_mode: Annotated[str, typer.Option(help="quantile, relative (tau x max) or absolute.")] = "quantile",
+    k: Annotated[int, typer.Option("--k", help="Sub-concepts (fuzzy c-means clusters).")] = 4,
+    temporal_dim: Annotated[int, typer.Option("--temporal-dim", "-D", help="Timestep groups D; group of t is int(t*D/1000).")] = 3,
+    pca_dim: Annotated[int, typer.Option(help="PCA components before clustering.")] = 8,
+    fuzziness: Annotated[float, typer.Option(help="FCM fuzzifier m (> 1).")] = 2.0,
+    map_size: Annotated[Optional[int], typer.Option(help="Side the Fs maps are resized to. Default: the largest layer's.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the harvest, the re-noising and the clustering.")] = 0,
+    concept: Annotated[Optional[str], typer.Option(help="Words of the prompt that are the concept. Default: the whole prompt.", show_default=False)] = None,
+    importance: Annotated[str, typer.Option(help="grad (Cones' weight x gradient) or activation (cheaper).")] = "grad",
+    reference_images: Annotated[Optional[Path], typer.Option(help="Folder of reference images. Default: the harvest's samples.", show_default=False)] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Harvest trajectories (references) for a PROMPT.")] = 8,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps for a PROMPT. Default: the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale for a PROMPT. Default: the model's.", show_default=False)] = None,
+    sweep_k: Annotated[Optional[str], typer.Option(help="Also sweep k, e.g. 2:8.", show_default=False)] = None,
+    sweep_tau: Annotated[Optional[str], typer.Option(help="Also sweep tau, START:STOP:COUNT, e.g. 0.5:0.95:10.", show_default=False)] = None,
+    sweep_temporal_dim: Annotated[Optional[str], typer.Option(help="Also sweep D, e.g. 1:4.", show_default=False)] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Write sweep plots (PNG) to this folder.", show_default=False)] = None,
+    fs_size: Annotated[Optional[int], typer.Option(help="Store Fs maps pooled to at most this side (saves disk on SDXL). Default: each layer's resolution.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="References per UNet call.")] = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cluster a concept's neurons into sub-concepts (Picasso): importance per timestep, high-pass, PCA, fuzzy c-means."""
+    from conceptkit import concept_neurons, picasso, picasso_plots
+
+    started = time.perf_counter()
+    # 1. settings first: bad input fails before any model is loaded
+    ccfg = picasso.ClusterConfig(tau=tau, tau_mode=tau_mode, k=k, temporal_dim=temporal_dim, pca_dim=pca_dim,
+                                 fuzziness=fuzziness, seed=seed, map_size=map_size)
+    ncfg = concept_neurons.NeuronConfig(concept=concept, importance=importance, seed=seed, batch_size=batch_size, fs_size=fs_size,
+                                        reference_images=str(reference_images) if reference_images else None)
+    sweeps = {name: picasso.parse_range(text, name.replace("_", "-"), integer=name != "tau")
+              for name, text in (("k", sweep_k), ("tau", sweep_tau), ("temporal_dim", sweep_temporal_dim)) if text}
+    bar_on = not json_out or sys.stderr.isatty()
+    # 2. harvest and neuron statistics (both cached)
+    loaded, harvest_path = _harvest(prompt, harvest, model, samples, steps, guidance, seed, device, dtype, config, bar_on)
+    with ui.progress("neurons", unit="steps", enabled=bar_on) as bar:
+        neurons = concept_neurons.run(loaded, harvest_path, ncfg, progress=bar, on_wait=ui.info)
+    stats = neurons.stats
+    # 3. cluster, save arrays and figures
+    res = picasso.cluster(stats, ccfg)
+    key, folder, arrays = picasso.save(stats, res, on_wait=ui.info)
+    images = {
+        "centre_maps": picasso_plots.centre_maps(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={k}"),
+        "segmentation": picasso_plots.segmentation(folder / "segmentation.png", res.segmentation, k,
+                                                   references=_reference_images(loaded, harvest_path)),
+        "similarity": picasso_plots.similarity(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
+                                               res.similarity.cluster_jaccard, [int(t) for t in stats.timesteps]),
+    }
+    # 4. sweeps
+    sweep_out = {}
+    for name, values in sweeps.items():
+        with ui.progress(f"sweep {name}", unit="fits", enabled=bar_on) as bar:
+            points = picasso.sweep(stats, ccfg, name, values, progress=bar)
+        sweep_out[name] = [{"value": p.value, "n_neurons_kept": p.n_kept, "metrics": picasso.scores_dict(p.scores, p.seconds),
+                            **({"error": p.error} if p.error else {})} for p in points]
+        if plots is not None:
+            images[f"sweep_{name}"] = picasso_plots.sweep(plots / f"sweep-{name}.png", name, points)
+    # 5. report
+    rows = picasso.cluster_rows(stats, res)
+    doc = {
+        "key": key, "path": str(folder), "harvest": harvest_path.name, "neurons": neurons.key, "model": loaded.spec,
+        "prompts": stats.manifest["prompts"], "concept_tokens": stats.manifest["concept_tokens"], "importance": importance,
+        "tau": tau, "tau_mode": tau_mode, "k": k, "temporal_dim": temporal_dim, "pca_dim": int(res.features.shape[1]),
+        "fuzziness": fuzziness, "seed": seed, "timesteps": [int(t) for t in stats.timesteps], "n_neurons": stats.n_neurons,
+        "n_neurons_kept": len(res.selection.neuron), "metrics": picasso.scores_dict(res.scores, res.clustering.seconds),
+        "fcm_iterations": res.clustering.n_iter, "clusters": rows, "arrays": arrays, "images": images,
+        "sweeps": sweep_out, "neurons_bytes_per_step": stats.manifest.get("bytes_per_step"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    picasso.write_manifest(folder, doc)
+    if json_out:
+        ui.print_json(doc)
+        return
+    _render(doc)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _render(doc: dict) -> None:
+    ui.table(f"sub-concepts of {doc['prompts'][0]!r} ({doc['n_neurons_kept']} of {doc['n_neurons']} (timestep group, neuron) items kept, tau {doc['tau']})",
+             ["cluster", "size", "share per timestep group", "share per layer", "top neurons"],
+             [(r["cluster"], r["size"], " ".join(f"g{g}:{s:.2f}" for g, s in r["group_share"].items()),
+               " ".join(f"{n}:{s:.2f}" for n, s in list(r["layer_share"].items())[:4]), " ".join(r["top_neurons"][:3])) for r in doc["clusters"]])
+    m = doc["metrics"]
+    ui.table("metrics", ["calinski-harabasz", "davies-bouldin", "silhouette", "fpc", "fcm seconds"],
+             [(_fmt(m["calinski_harabasz"]), _fmt(m["davies_bouldin"]), _fmt(m["silhouette"]), _fmt(m["fpc"]), f"{m['seconds']:.3f}")])
+    for name, points in doc["sweeps"].items():
+        ui.table(f"sweep over {name}", [name, "kept", "calinski-harabasz", "davies-bouldin", "silhouette", "fpc", "fcm seconds"],
+                 [(_fmt(p["value"]), p["n_neurons_kept"], *(_fmt(p["metrics"][x]) for x in ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc")),
+                   p.get("error") or f"{p['metrics']['seconds']:.3f}") for p in points])
+    ui.info(f"key {doc['key']}  {doc['path']}")
