@@ -33,7 +33,7 @@ def cache_path(json_out: JsonOpt = False) -> None:
 @cache_app.command("list")
 @command
 def cache_list(
-    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, cluster, evaluate or sliders.", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, neurons, cluster, evaluate or sliders.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the artifacts in the store: kind, key, prompt, model, size and age."""
