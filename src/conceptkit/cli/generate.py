@@ -1,0 +1,59 @@
+"""`conceptkit generate PROMPT`: images with sliders applied, settings in every PNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from conceptkit import ui
+from conceptkit.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    command,
+    load,
+)
+
+
+@app.command()
+@command
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'a dog'.", show_default=False)],
+    model: ModelOpt = None,
+    slider: Annotated[Optional[list[str]], typer.Option("--slider", "-s", help="[SET/]LABEL_OR_INDEX=SCALE, repeatable; sliders add up. Without SET: the set trained for this prompt and model.", show_default=False)] = None,
+    random_sliders: Annotated[int, typer.Option("--random-sliders", help="Each image gets N random sliders at random strengths (recorded in the PNG).")] = 0,
+    random_scale: Annotated[float, typer.Option("--random-scale", help="Random strengths are uniform in [-x, x].")] = 2.0,
+    slider_set: Annotated[Optional[str], typer.Option("--set", help="The set --random-sliders draws from. Default: the prompt's set.", show_default=False)] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="[SET/]LABEL=LO:HI:N: one grid, strengths in columns, seeds in rows.", show_default=False)] = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Images (seeds seed, seed+1, ...); rows of a sweep.")] = 4,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps. Default: the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("conceptkit-images"),
+    force: Annotated[bool, typer.Option(help="Apply sliders trained for another base model (same architecture), with a warning.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampler call.")] = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw images, optionally with sliders added; every PNG carries its full settings."""
+    from conceptkit.generate import GenerateConfig, run
+
+    cfg = GenerateConfig(prompt=prompt, count=count, seed=seed, steps=steps, guidance=guidance, out=out,
+                         sliders=tuple(slider or ()), random_sliders=random_sliders, random_scale=random_scale,
+                         slider_set=slider_set, sweep=sweep, force=force, batch_size=batch_size)
+    loaded = load(model, device, dtype, config)
+    with ui.progress("generate", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
+        result = run(loaded, cfg, progress=bar, warn=ui.info)
+    if json_out:
+        ui.print_json({"prompt": prompt, "model": loaded.spec, "out": str(result.out), "files": result.files})
+        return
+    for f in result.files:
+        ui.info(f["path"])

@@ -1,0 +1,158 @@
+"""`conceptkit sliders PROMPT` (= `sliders train PROMPT`), `sliders list|show|rename|export`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from conceptkit import ui
+from conceptkit.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    command,
+    load,
+)
+from conceptkit.errors import UsageError
+
+
+class _TrainByDefault(TyperGroup):
+    """`conceptkit sliders "a person"` runs `sliders train "a person"`: anything that is not a
+    subcommand name (or --help) goes to `train`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+sliders_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True,
+                          help="SliderSpace: train K sliders for a prompt (`conceptkit sliders PROMPT`), list, show, rename, export.")
+app.add_typer(sliders_app, name="sliders")
+
+
+def _table(sset) -> None:
+    ui.table(f"sliders {sset.name} ({sset.prompt!r}, {sset.manifest['model']['spec']}, {sset.manifest['encoder']})",
+             ["index", "label", "explained variance", "effect size", "alignment"],
+             [(s.index, s.label, f"{s.explained_variance:.3f}", f"{s.effect_size:.4f}", f"{s.alignment:.2f}") for s in sset.sliders])
+
+
+@sliders_app.command("train")
+@command
+def train(
+    prompt: Annotated[str, typer.Argument(help="The concept, e.g. 'a person'.", show_default=False)],
+    model: ModelOpt = None,
+    count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
+    samples: Annotated[int, typer.Option("--samples", "-n", help="Harvested trajectories.")] = 16,
+    x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
+    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (from the local cache) otherwise.")] = "auto",
+    rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
+    targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
+    train_steps: Annotated[int, typer.Option("--train-steps", help="Optimiser steps (all sliders train in each).")] = 100,
+    pairs: Annotated[int, typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders.")] = 2,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    start: Annotated[float, typer.Option(help="Sliders act from this fraction of the denoising steps on.")] = 0.1,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the harvest. Default: the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
+    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train K sliders for a prompt: harvest, embed, PCA, one batched LoRA pass, labels. Resumable."""
+    from conceptkit import slider_sets
+    from conceptkit.slider_train import TrainSettings
+    from conceptkit.sliders import SlidersConfig, run
+
+    cfg = SlidersConfig(prompt=prompt, count=count, samples=samples, x0=x0, encoder=encoder, rank=rank, targets=targets,
+                        steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
+                        train=TrainSettings(steps=train_steps, pairs=pairs, lr=lr, start=start, seed=seed))
+    loaded = load(model, device, dtype, config)
+    with ui.progress("sliders", unit="steps", enabled=not json_out or sys.stderr.isatty()) as bar:
+        sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
+    doc = sset.to_json()
+    if export is not None:
+        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
+    if json_out:
+        ui.print_json(doc)
+        return
+    _table(sset)
+    ui.info(f"set {sset.name}  {sset.path}" + ("  (cached)" if sset.cached else f"  {sset.seconds:.0f}s"))
+
+
+@sliders_app.command("list")
+@command
+def list_(json_out: JsonOpt = False) -> None:
+    """List the slider sets in the store."""
+    from conceptkit.slider_sets import list_sets
+
+    sets = list_sets()
+    if json_out:
+        ui.print_json([{"name": s.name, "path": str(s.path), "prompt": s.prompt, "model": s.manifest["model"]["spec"],
+                        "encoder": s.manifest["encoder"], "sliders": len(s.sliders)} for s in sets])
+        return
+    ui.table("slider sets", ["name", "prompt", "model", "encoder", "sliders"],
+             [(s.name, s.prompt, s.manifest["model"]["spec"], s.manifest["encoder"], len(s.sliders)) for s in sets])
+
+
+@sliders_app.command("show")
+@command
+def show(name: Annotated[str, typer.Argument(help="Set name.")], json_out: JsonOpt = False) -> None:
+    """Show one set: its sliders, labels, explained variance and effect sizes."""
+    from conceptkit.slider_sets import load_set
+
+    sset = load_set(name)
+    if json_out:
+        ui.print_json(sset.to_json())
+        return
+    _table(sset)
+
+
+@sliders_app.command("rename")
+@command
+def rename(
+    name: Annotated[str, typer.Argument(help="Set name.")],
+    old: Annotated[str, typer.Argument(help="Current label or index.")],
+    new: Annotated[str, typer.Argument(help="New label.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Relabel one slider of a set (labels stay unique)."""
+    from conceptkit.slider_sets import rename as do_rename
+
+    sset = do_rename(name, old, new)
+    if json_out:
+        ui.print_json(sset.to_json())
+        return
+    _table(sset)
+
+
+@sliders_app.command("export")
+@command
+def export(
+    name: Annotated[str, typer.Argument(help="Set name.")],
+    folder: Annotated[Path, typer.Argument(help="Output folder.")],
+    format: Annotated[str, typer.Option("--format", help="kohya (lora_unet_... keys, for ComfyUI / AUTOMATIC1111).")] = "kohya",
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a set's sliders in kohya format."""
+    from conceptkit.slider_sets import export_kohya
+
+    if format != "kohya":
+        raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")
+    paths = export_kohya(name, folder)
+    if json_out:
+        ui.print_json({"name": name, "files": [str(p) for p in paths]})
+        return
+    for p in paths:
+        ui.info(str(p))

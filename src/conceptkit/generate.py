@@ -1,0 +1,336 @@
+"""Sample images with UNet modifications applied (SliderSpace sliders), each PNG with its settings.
+
+A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
+and `describe() -> dict`: sliders here (`SliderModification`, applied from the set's start
+fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4), Picasso sub-concepts
+later. Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's,
+bitwise. `--random-sliders N` gives every image its own sparse random combination (the paper's
+diversity experiment, Sec. 5.2) and records it in the PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from conceptkit import store
+from conceptkit.errors import UsageError
+from conceptkit.slider_sets import SliderRef, load_set, parse_ref, resolve, sets_for
+from conceptkit.sliders import SliderInfo, SliderSet
+
+SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """`--sweep [SET/]LABEL=LO:HI:N`: one grid, N strengths in columns, seeds in rows."""
+
+    ref: SliderRef  # scale unused
+    strengths: tuple[float, ...]
+
+
+def parse_sweep(text: str) -> Sweep:
+    m = SWEEP_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"malformed --sweep {text!r}: write [SET/]LABEL=LO:HI:N, e.g. age=-2:2:5")
+    try:
+        lo, hi, n = float(m["lo"]), float(m["hi"]), int(m["n"])
+    except ValueError:
+        raise UsageError(f"--sweep {text!r}: LO and HI must be numbers") from None
+    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)):
+        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI finite")
+    ref = parse_ref(f"{m['ref']}=0")
+    return Sweep(ref, tuple(float(x) for x in np.linspace(lo, hi, n)))
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """What to draw and with which modifications."""
+
+    prompt: str
+    count: int = 4  # images (seeds seed .. seed+count-1); rows of a sweep
+    seed: int = 0
+    steps: int | None = None  # None: the model's default
+    guidance: float | None = None  # None: the model's default
+    out: Path = Path("conceptkit-images")  # output folder
+    sliders: tuple[str, ...] = ()  # `[SET/]LABEL_OR_INDEX=SCALE`, added up
+    random_sliders: int = 0  # N: each image gets N random sliders at random strengths
+    random_scale: float = 2.0  # random strengths are uniform in [-random_scale, random_scale]
+    slider_set: str | None = None  # the set --random-sliders draws from (default: the prompt's set)
+    sweep: str | None = None  # `[SET/]LABEL=LO:HI:N`
+    force: bool = False  # apply sliders trained for another base model (with a warning)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise UsageError("empty prompt: give the concept as text, e.g. 'a dog'")
+        if not 1 <= self.count <= 1024:
+            raise UsageError(f"--count must be between 1 and 1024 (got {self.count})")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1 (got {self.steps})")
+        if self.guidance is not None and self.guidance < 0:
+            raise UsageError(f"--guidance must be 0 or more (got {self.guidance})")
+        if self.random_sliders < 0:
+            raise UsageError(f"--random-sliders must be 0 or more (got {self.random_sliders})")
+        if not self.random_scale > 0:
+            raise UsageError(f"--random-scale must be positive (got {self.random_scale})")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        for text in self.sliders:
+            parse_ref(text)
+        if self.sweep is not None:
+            parse_sweep(self.sweep)
+        if self.slider_set is not None:
+            store.check_name(self.slider_set, "slider set name")
+
+
+# ---------------------------------------------------------------- modifications
+
+
+class Modification(Protocol):
+    def set_step(self, i: int, n: int) -> None: ...
+    def remove(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+class SliderModification:
+    """Sliders of one or more sets on a UNet: weights (K,) for every image or (N, K) per image."""
+
+    def __init__(self, unet, chosen: Sequence[tuple[SliderSet, SliderInfo]], cfg_batches: bool):
+        from conceptkit.slider_lora import SliderLoraConfig, install_sliders
+
+        self.sets: dict[str, SliderSet] = {}
+        self.slots: dict[tuple[str, int], tuple[str, int]] = {}  # (set, index) -> (set, slot)
+        for sset, info in chosen:
+            self.sets.setdefault(sset.name, sset)
+        self.banks = {}
+        for name, sset in self.sets.items():
+            used = sorted({info.index for s, info in chosen if s.name == name})
+            st = sset.manifest["settings"]
+            bank = install_sliders(unet, SliderLoraConfig(len(used), rank=int(st["rank"]), alpha=float(st["alpha"]),
+                                                          target_modules=st["targets"]))
+            for slot, index in enumerate(used):
+                bank.load_slider(slot, sset.path / sset.sliders[index].file)
+                self.slots[(name, index)] = (name, slot)
+            self.banks[name] = bank
+        self.cfg_batches = cfg_batches
+        self.weights: dict[str, torch.Tensor] = {}
+        self.active = False
+
+    def set_weights(self, scales: dict[tuple[str, int], float] | list[dict[tuple[str, int], float]]) -> None:
+        """One {(set, index): scale} for every image, or a list of them, one per image."""
+        per_image = scales if isinstance(scales, list) else [scales]
+        for name, bank in self.banks.items():
+            w = torch.zeros(len(per_image), bank.num_sliders, dtype=torch.float64)
+            for n, sc in enumerate(per_image):
+                for (set_name, index), value in sc.items():
+                    if set_name == name:
+                        w[n, self.slots[(set_name, index)][1]] += value
+            if not isinstance(scales, list):
+                w = w[0]
+            elif self.cfg_batches:
+                w = w.repeat(2, 1)  # the UNet batch is [uncond; cond]
+            self.weights[name] = w
+        self._apply()
+
+    def set_step(self, i: int, n: int) -> None:
+        starts = {name: _first_step(sset, n) for name, sset in self.sets.items()}
+        for name, bank in self.banks.items():
+            on = i >= starts[name]
+            bank.set_dense_routing(self.weights.get(name) if on else None)
+
+    def _apply(self) -> None:
+        """New weights take effect at the next `set_step`; until then the UNet is the base model."""
+        for bank in self.banks.values():
+            bank.set_dense_routing(None)
+
+    def remove(self) -> None:
+        for bank in self.banks.values():
+            bank.remove()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "sliders", "sets": {n: {"path": str(s.path), "prompt": s.prompt, "start": s.manifest.get("start", 0.0)}
+                                            for n, s in self.sets.items()}}
+
+
+def _first_step(sset: SliderSet, n: int) -> int:
+    from conceptkit.slider_train import window_steps
+
+    return window_steps(n, float(sset.manifest.get("start", 0.0)))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float, mods: Sequence[Modification] = ()) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for `seeds`, with `mods` stepped along the denoising loop."""
+    pipe = model.pipe
+    gen_device = "cpu" if model.device.type == "mps" else model.device
+    gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
+    for m in mods:
+        m.set_step(0, steps)
+
+    def on_step_end(_pipe, i, _t, kwargs):
+        for m in mods:
+            m.set_step(i + 1, steps)
+        return kwargs
+
+    out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="pt", callback_on_step_end=on_step_end if mods else None).images
+    return out.float().clamp(0, 1).cpu()
+
+
+def _png(image: torch.Tensor, path: Path, settings: dict[str, Any]) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    arr = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    info = PngInfo()
+    info.add_text("conceptkit", json.dumps(settings, sort_keys=True))
+    sl = ", ".join(f"{s['set']}/{s['label']}={s['scale']:g}" for s in settings.get("sliders", []))
+    info.add_text("parameters", f"{settings['prompt']}\nSteps: {settings['steps']}, CFG scale: {settings['guidance']}, "
+                                f"Seed: {settings.get('seed', settings.get('seeds'))}, Model: {settings['model']['spec']}"
+                                + (f", Sliders: {sl}" if sl else ""))
+    with store.atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
+
+
+def _grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> torch.Tensor:
+    _, c, h, w = images.shape
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for n, img in enumerate(images):
+        r, q = divmod(n, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The PNGs written, each with its settings."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    out: Path = Path(".")
+
+
+def _check_model(sset: SliderSet, model, force: bool, warn: Warn) -> None:
+    m = sset.manifest["model"]
+    if m.get("fingerprint") == model.fingerprint:
+        return
+    msg = f"slider set {sset.name!r} was trained for {m.get('spec')} (weights {str(m.get('fingerprint'))[:12]}), not {model.spec}"
+    if m.get("arch") != model.arch:
+        raise UsageError(msg + f"; a {m.get('arch')} slider cannot apply to a {model.arch} UNet")
+    if not force:
+        raise UsageError(msg + "; pass --force to apply it anyway")
+    warn("warning: " + msg)
+
+
+def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None) -> GenerateResult:
+    """Draw `cfg.count` seeds (or a sweep grid) with the requested sliders; write PNGs to `cfg.out`."""
+    steps = cfg.steps or model.default_steps
+    guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
+    identity = model.identity()
+    # 1. resolve every slider named
+    fixed = [(ref, *resolve(ref, cfg.prompt, identity)) for ref in map(parse_ref, cfg.sliders)]
+    sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
+    swept = resolve(sweep.ref, cfg.prompt, identity) if sweep else None
+    pool: list[tuple[SliderSet, SliderInfo]] = []
+    if cfg.random_sliders:
+        if cfg.slider_set:
+            sets = [load_set(cfg.slider_set)]
+        else:
+            sets = sets_for(cfg.prompt, identity)
+            if len(sets) != 1:
+                raise UsageError(f"--random-sliders needs one set for {cfg.prompt!r}: "
+                                 + (f"candidates {', '.join(s.name for s in sets)}" if sets else "none trained")
+                                 + "; pass --set NAME")
+        pool = [(sets[0], info) for info in sets[0].sliders]
+        if cfg.random_sliders > len(pool):
+            raise UsageError(f"--random-sliders {cfg.random_sliders} exceeds the {len(pool)} sliders of set {sets[0].name!r}")
+    chosen = [(s, i) for _, s, i in fixed] + ([swept] if swept else []) + pool
+    for sset in {s.name: s for s, _ in chosen}.values():
+        _check_model(sset, model, cfg.force, warn)
+    mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
+    mods = [mod] if mod else []
+    base_scales: dict[tuple[str, int], float] = {}
+    for ref, sset, info in fixed:
+        base_scales[(sset.name, info.index)] = base_scales.get((sset.name, info.index), 0.0) + ref.scale
+    common = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance,
+              "conceptkit": _version(), **({"modifications": [mod.describe()]} if mod else {})}
+    out = Path(cfg.out)
+    files: list[dict[str, Any]] = []
+    seeds = list(range(cfg.seed, cfg.seed + cfg.count))
+    try:
+        if sweep:
+            # 2a. one grid: a column per strength, a row per seed
+            columns = []
+            for k, value in enumerate(sweep.strengths):
+                scales = dict(base_scales)
+                key = (swept[0].name, swept[1].index)
+                scales[key] = scales.get(key, 0.0) + value
+                columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales))
+                if progress:
+                    progress(k + 1, len(sweep.strengths))
+            grid = torch.stack(columns, 1).flatten(0, 1)  # (seeds*strengths, 3, H, W), row-major
+            settings = {**common, "seeds": seeds, "sliders": _describe(base_scales, chosen),
+                        "sweep": {"set": swept[0].name, "label": swept[1].label, "index": swept[1].index,
+                                  "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
+            path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
+            _png(_grid(grid, len(seeds), len(sweep.strengths)), path, settings)
+            files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep")}})
+        else:
+            # 2b. one image per seed; random combinations drawn per image
+            per_image = [dict(base_scales) for _ in seeds]
+            if cfg.random_sliders:
+                rng = np.random.default_rng(cfg.seed)
+                for sc in per_image:
+                    for j in rng.choice(len(pool), size=cfg.random_sliders, replace=False):
+                        key = (pool[j][0].name, pool[j][1].index)
+                        sc[key] = sc.get(key, 0.0) + float(rng.uniform(-cfg.random_scale, cfg.random_scale))
+            done = 0
+            for i in range(0, len(seeds), cfg.batch_size):
+                chunk = seeds[i:i + cfg.batch_size]
+                images = _batched(model, mod, cfg, chunk, steps, guidance, per_image[i:i + len(chunk)])
+                for seed, img, sc in zip(chunk, images, per_image[i:i + len(chunk)]):
+                    settings = {**common, "seed": seed, "sliders": _describe(sc, chosen),
+                                **({"random_sliders": cfg.random_sliders} if cfg.random_sliders else {})}
+                    path = out / f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png"
+                    _png(img, path, settings)
+                    files.append({"path": str(path), "seed": seed, "sliders": settings["sliders"]})
+                done += len(chunk)
+                if progress:
+                    progress(done, len(seeds))
+    finally:
+        for m in mods:
+            m.remove()
+    return GenerateResult(files, out)
+
+
+def _batched(model, mod, cfg, seeds, steps, guidance, scales) -> torch.Tensor:
+    if mod is not None:
+        mod.set_weights(scales)
+    return sample(model, cfg.prompt, seeds, steps, guidance, [mod] if mod else [])
+
+
+def _describe(scales: dict[tuple[str, int], float], chosen) -> list[dict[str, Any]]:
+    labels = {(s.name, i.index): i.label for s, i in chosen}
+    return [{"set": k[0], "index": k[1], "label": labels[k], "scale": round(v, 6)} for k, v in sorted(scales.items()) if v != 0]
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _version() -> str:
+    from conceptkit import __version__
+
+    return __version__

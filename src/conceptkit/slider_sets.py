@@ -1,0 +1,144 @@
+"""Slider sets in the store: list, show, rename, export, and resolve `[SET/]LABEL_OR_INDEX=SCALE`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from conceptkit import store
+from conceptkit.errors import ArtifactNotFoundError, UsageError
+from conceptkit.sliders import SliderInfo, SliderSet, from_manifest
+
+LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,47}$")
+REF_RE = re.compile(r"^(?:(?P<set>[^/=\s]+)/)?(?P<slider>[^/=\s]+)=(?P<scale>.+)$")
+
+
+def list_sets() -> list[SliderSet]:
+    """Every complete slider set in the store, by name."""
+    base = store.kind_dir("sliders")
+    out = []
+    if base.is_dir():
+        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                m = store.read_json(folder / store.MANIFEST)
+            except Exception:  # noqa: BLE001, S112 - a foreign or broken folder is not a set
+                continue
+            if m.get("complete") and m.get("sliders"):
+                out.append(from_manifest(folder, m))
+    return out
+
+
+def load_set(name: str) -> SliderSet:
+    """The set called `name`, or `ArtifactNotFoundError` listing what there is."""
+    store.check_name(name, "slider set name")
+    art = store.artifact("sliders", name)
+    if not art.exists():
+        have = ", ".join(s.name for s in list_sets()) or "none yet; train one with `conceptkit sliders PROMPT`"
+        raise ArtifactNotFoundError(f"no slider set {name!r}; sets: {have}")
+    return from_manifest(art.path, art.manifest())
+
+
+def find_slider(sset: SliderSet, label_or_index: str) -> SliderInfo:
+    """A slider of `sset` by label (case-insensitive) or by index (0 = most variance)."""
+    if re.fullmatch(r"\d+", label_or_index):
+        i = int(label_or_index)
+        if i >= len(sset.sliders):
+            raise UsageError(f"slider index {i} out of range: set {sset.name!r} has {len(sset.sliders)} sliders (0-{len(sset.sliders) - 1})")
+        return sset.sliders[i]
+    for s in sset.sliders:
+        if s.label.lower() == label_or_index.lower():
+            return s
+    raise UsageError(f"set {sset.name!r} has no slider {label_or_index!r}; labels: {', '.join(s.label for s in sset.sliders)}")
+
+
+def rename(name: str, old: str, new: str) -> SliderSet:
+    """Relabel slider `old` (label or index) of set `name` as `new`; labels stay unique."""
+    from conceptkit.slider_lora import load_slider_file, save_slider_file
+
+    if not LABEL_RE.match(new) or re.fullmatch(r"\d+", new):
+        raise UsageError(f"invalid label {new!r}: start with a letter; letters, digits, '.', '_' or '-', at most 48")
+    sset = load_set(name)
+    art = store.artifact("sliders", name)
+    with art.lock():
+        sset = load_set(name)
+        target = find_slider(sset, old)
+        if any(s.label.lower() == new.lower() and s.index != target.index for s in sset.sliders):
+            raise UsageError(f"set {name!r} already has a slider labelled {new!r}")
+        m = sset.manifest
+        m["sliders"][target.index]["label"] = new
+        loaded = load_slider_file(sset.path / target.file)
+        meta = {**loaded.metadata, "label": new}
+        with store.atomic_path(sset.path / target.file) as tmp:
+            save_slider_file(loaded.factors, tmp, meta, slider_index=target.index)
+        art.write_manifest({k: v for k, v in m.items() if k not in ("kind", "key", "conceptkit_version")})
+    return load_set(name)
+
+
+def export_kohya(name: str, folder: Path) -> list[Path]:
+    """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format."""
+    from conceptkit.slider_lora import export_kohya as write
+
+    sset = load_set(name)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--export folder {folder} is a file")
+    return [write(sset.path / s.file, folder / f"{sset.name}-{s.index:02d}-{store.slugify(s.label)}.safetensors")
+            for s in sset.sliders]
+
+
+# ---------------------------------------------------------------- --slider references
+
+
+@dataclass(frozen=True)
+class SliderRef:
+    """A parsed `--slider [SET/]LABEL_OR_INDEX=SCALE`."""
+
+    set: str | None
+    slider: str
+    scale: float
+
+
+def parse_ref(text: str) -> SliderRef:
+    m = REF_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"malformed --slider {text!r}: write [SET/]LABEL_OR_INDEX=SCALE, e.g. age=1.5 or a-person/3=-2")
+    try:
+        scale = float(m["scale"])
+    except ValueError:
+        raise UsageError(f"--slider {text!r}: scale {m['scale']!r} is not a number") from None
+    if not math.isfinite(scale):
+        raise UsageError(f"--slider {text!r}: scale must be finite")
+    if m["set"] is not None:
+        store.check_name(m["set"], "slider set name")
+    return SliderRef(m["set"], m["slider"], scale)
+
+
+def sets_for(prompt: str, model_identity: dict) -> list[SliderSet]:
+    """Sets trained for this prompt on this model (same weights fingerprint)."""
+    return [s for s in list_sets() if s.prompt == prompt and s.manifest["model"].get("fingerprint") == model_identity.get("fingerprint")]
+
+
+def resolve(ref: SliderRef, prompt: str, model_identity: dict) -> tuple[SliderSet, SliderInfo]:
+    """Find the set and slider a reference names; without SET, the set for the same prompt and model."""
+    if ref.set is not None:
+        sset = load_set(ref.set)
+        return sset, find_slider(sset, ref.slider)
+    candidates = sets_for(prompt, model_identity)
+    if not candidates:
+        raise UsageError(f"no slider set trained for {prompt!r} on {model_identity.get('spec')}; name one as SET/{ref.slider}="
+                         f"{ref.scale:g} (see `conceptkit sliders list`) or train it with `conceptkit sliders {prompt!r}`")
+    matches = []
+    for sset in candidates:
+        try:
+            matches.append((sset, find_slider(sset, ref.slider)))
+        except UsageError:
+            continue
+    if not matches:
+        raise UsageError(f"no slider {ref.slider!r} in the sets for {prompt!r}: "
+                         + "; ".join(f"{s.name}: {', '.join(x.label for x in s.sliders)}" for s in candidates))
+    if len(matches) > 1:
+        raise UsageError(f"slider {ref.slider!r} is ambiguous; candidates: "
+                         + ", ".join(f"{s.name}/{x.label}" for s, x in matches) + "; write SET/LABEL=SCALE")
+    return matches[0]

@@ -1,0 +1,262 @@
+"""SliderSpace: decompose what a model draws for a prompt into K rank-1 LoRA sliders.
+
+Gandikota et al. (2025), "SliderSpace: Decomposing the Visual Capabilities of Diffusion
+Models", Sec. 3: (1) sample the prompt and keep the predicted x0 of every denoising step,
+(2) decode and embed them, (3) PCA to K principal directions, (4) train one rank-1 LoRA per
+direction so that the slider moves the embedding along it, all K in one batched pass
+(`slider_train`), (5) measure and label each slider (`slider_labels`), (6) write the set.
+
+A set is a folder `<data>/sliders/<name>/` with `manifest.json` and `slider-XX.safetensors`
+files in the diffusers/peft LoRA layout. It is built in a hidden work folder and renamed into
+place at the end, so a killed run never leaves half a set; the work folder keeps the harvest
+key and a training checkpoint, and a rerun with the same settings resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptkit import store
+from conceptkit.errors import UsageError
+from conceptkit.slider_lora import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
+from conceptkit.slider_train import (
+    PairSource,
+    TrainSettings,
+    encode_conditioning,
+    principal_directions,
+    train,
+)
+
+SET_FORMAT = 1
+MAX_COUNT = 64
+Progress = Callable[..., None]
+Stage = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SlidersConfig:
+    """Settings of one SliderSpace run; everything but `name` and `overwrite` enters the key."""
+
+    prompt: str
+    count: int = 16  # K sliders = principal directions
+    samples: int = 16  # harvested trajectories
+    x0: str = "all"  # "all": x0 of every step enters PCA (the paper); "final": only the last step (ablation)
+    encoder: str = "auto"  # auto | pixel[:side] | toy | clip:<id|folder> | dinov2:<id|folder>
+    rank: int = 1  # LoRA rank of each slider
+    alpha: float = 1.0  # LoRA alpha
+    targets: str = DEFAULT_TARGETS  # regex of UNet modules (default: cross-attention k/v projections)
+    steps: int | None = None  # denoising steps of the harvest; None: the model's default
+    guidance: float | None = None  # guidance scale of harvest and training; None: the model's default
+    seed: int = 0  # harvest seed, PCA and init seed
+    train: TrainSettings = field(default_factory=TrainSettings)
+    name: str | None = None  # set name; default: slug of the prompt
+    overwrite: bool = False  # replace an existing set trained with other settings
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise UsageError("empty prompt: give the concept as text, e.g. 'a person'")
+        if not 1 <= self.count <= MAX_COUNT:
+            raise UsageError(f"--count must be between 1 and {MAX_COUNT} (got {self.count})")
+        if self.samples < 2:
+            raise UsageError(f"--samples must be at least 2 (got {self.samples})")
+        if self.x0 not in ("all", "final"):
+            raise UsageError(f"--x0 must be all or final (got {self.x0})")
+        if self.rank < 1:
+            raise UsageError(f"--rank must be at least 1 (got {self.rank})")
+        if not self.alpha > 0:
+            raise UsageError(f"--alpha must be positive (got {self.alpha})")
+        if self.name is not None:
+            store.check_name(self.name, "slider set name")
+        from conceptkit.features import check_spec
+
+        check_spec(self.encoder)
+        try:
+            SliderLoraConfig(self.count, rank=self.rank, alpha=self.alpha, target_modules=self.targets)
+        except Exception as exc:
+            raise UsageError(f"bad slider settings: {exc}") from exc
+
+    @property
+    def set_name(self) -> str:
+        return self.name or store.slugify(self.prompt)
+
+
+@dataclass(frozen=True)
+class SliderInfo:
+    """One slider of a set."""
+
+    index: int  # rank in explained variance, from 0
+    label: str
+    explained_variance: float  # share of the embedding variance of its direction
+    file: str  # file name inside the set folder
+    effect_size: float = 0.0  # mean embedding shift at the training strength
+    alignment: float = 0.0  # cosine of the measured shift with its direction
+    label_score: float = 0.0  # cosine of the shift with the label's text shift
+
+
+@dataclass(frozen=True)
+class SliderSet:
+    """A slider set in the store."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    sliders: tuple[SliderInfo, ...]
+    cached: bool = False
+    seconds: float = 0.0
+
+    @property
+    def prompt(self) -> str:
+        return self.manifest["prompt"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "prompt": self.prompt, "model": self.manifest["model"],
+                "encoder": self.manifest["encoder"], "cached": self.cached, "seconds": round(self.seconds, 3),
+                "sliders": [{**asdict(s), "file": str(self.path / s.file)} for s in self.sliders]}
+
+
+def set_key(model, cfg: SlidersConfig, encoder_spec: str) -> str:
+    settings = asdict(cfg)
+    for transient in ("name", "overwrite"):
+        settings.pop(transient)
+    settings["encoder"] = encoder_spec
+    return store.make_key({"format": SET_FORMAT, "model": model.identity(), "settings": settings})
+
+
+def from_manifest(path: Path, manifest: dict[str, Any], **extra) -> SliderSet:
+    sliders = tuple(SliderInfo(**{k: s[k] for k in SliderInfo.__dataclass_fields__ if k in s}) for s in manifest["sliders"])
+    return SliderSet(manifest["name"], path, manifest, sliders, **extra)
+
+
+def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stage | None = None,
+        on_wait=None) -> SliderSet:
+    """Harvest, embed, PCA, train, label and write the set `cfg.set_name` (see the module doc)."""
+    from conceptkit import harvest
+    from conceptkit.features import load_encoder, resolve_spec
+
+    say = stage or (lambda _m: None)
+    started = time.perf_counter()
+    encoder_spec = resolve_spec(cfg.encoder, model.spec)
+    key = set_key(model, cfg, encoder_spec)
+    name = cfg.set_name
+    art = store.artifact("sliders", name)
+    with art.lock(on_wait=on_wait):
+        # 0. a set of that name: the same settings are done; others need --overwrite
+        if art.exists():
+            m = art.manifest()
+            if m.get("settings_key") == key:
+                return from_manifest(art.path, m, cached=True, seconds=time.perf_counter() - started)
+            if not cfg.overwrite:
+                raise UsageError(f"slider set {name!r} exists with other settings; pass --overwrite to replace it "
+                                 f"or --name to keep both")
+        work = art.path.parent / f".work-{name}"
+        state = work / "state.json"
+        if work.exists() and (not state.exists() or store.read_json(state).get("key") != key):
+            shutil.rmtree(work, ignore_errors=True)  # a work folder from other settings: start clean
+        for stale in art.path.parent.glob(f".tmp-{name}-*"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        encoder = load_encoder(encoder_spec, model.spec, model.device)  # a missing encoder fails before any work
+        # 1. harvest (cached and resumable by itself)
+        say("harvesting")
+        hcfg = harvest.HarvestConfig(prompts=(cfg.prompt,), samples=cfg.samples, steps=cfg.steps,
+                                     guidance=cfg.guidance, seed=cfg.seed, record=("x0", "xt"))
+        hres = harvest.run(model, hcfg, on_wait=on_wait)
+        h = harvest.load(hres.path, samples=cfg.samples)
+        guidance = float(hres.manifest["settings"]["guidance"])
+        size = (int(hres.manifest["settings"]["height"]), int(hres.manifest["settings"]["width"]))
+        # 2. decode and embed the x0 of every step (or of the last)
+        say(f"embedding with {encoder_spec}")
+        x0 = h.x0 if cfg.x0 == "all" else h.x0[:, -1:]
+        emb = encoder.embed(harvest.decode(model, x0.flatten(0, 1).float())).numpy()
+        # 3. principal directions
+        dirs = principal_directions(emb, cfg.count, seed=cfg.seed)
+        # 4. all K sliders in one batched pass
+        unet = model.pipe.unet
+        bank = install_sliders(unet, SliderLoraConfig(cfg.count, rank=cfg.rank, alpha=cfg.alpha,
+                                                      target_modules=cfg.targets, seed=cfg.seed))
+        saved = [(p, p.requires_grad) for part in (model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None))
+                 if part is not None
+                 for p in part.parameters()]
+        try:
+            for p, _ in saved:
+                p.requires_grad_(False)
+            cond = encode_conditioning(model, [cfg.prompt], guidance, size)
+            pairs = PairSource(h.xt, h.timesteps, h.prompt_index, cfg.train.start, cfg.train.seed)
+            directions = torch.from_numpy(dirs.components).float()
+            say(f"training {cfg.count} sliders")
+            work.mkdir(parents=True, exist_ok=True)
+            store.write_json(work / "state.json", {"key": key, "name": name})
+            losses = train(model, bank, encoder, pairs, cond, guidance, directions, cfg.train,
+                           checkpoint=work / "checkpoint.safetensors", key=key, progress=progress)
+            # 5. measure and label
+            say("measuring and labelling")
+            from conceptkit import slider_labels
+
+            effects = slider_labels.measure(model, bank, encoder, pairs, cond, guidance, dirs.components,
+                                            strength=cfg.train.strength)
+            labels, scores, how = slider_labels.label(effects, encoder, cfg.prompt)
+            # 6. write the set into a temporary folder, then rename it into place
+            manifest = _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how,
+                                 losses, size, guidance, len(h.timesteps), time.perf_counter() - started)
+            tmp = art.path.parent / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for s in manifest["sliders"]:
+                bank.save_slider(s["index"], tmp / s["file"], _file_metadata(manifest, s))
+            store.Artifact("sliders", name, tmp).write_manifest(manifest)
+        finally:
+            bank.remove()
+            for p, flag in saved:
+                p.requires_grad_(flag)
+        if art.path.exists():
+            old = art.path.with_name(f".old-{name}-{os.getpid()}")
+            os.replace(art.path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, art.path)
+        shutil.rmtree(work, ignore_errors=True)
+        return from_manifest(art.path, art.manifest(), seconds=time.perf_counter() - started)
+
+
+def _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how, losses, size,
+              guidance, n_steps, seconds) -> dict[str, Any]:
+    from conceptkit.harvest import _versions
+
+    settings = asdict(cfg)
+    settings.pop("overwrite")
+    settings["encoder"] = encoder_spec
+    sliders = [
+        {"index": i, "label": labels[i], "explained_variance": float(dirs.explained_variance_ratio[i]),
+         "file": f"slider-{i:02d}.safetensors", "effect_size": float(effects.size[i]),
+         "alignment": float(effects.alignment[i]), "label_score": float(scores[i])}
+        for i in range(cfg.count)
+    ]
+    return {
+        "name": name, "prompt": cfg.prompt, "prompts": [cfg.prompt], "model": model.identity(), "encoder": encoder_spec,
+        "settings": settings, "settings_key": key, "harvest": hres.key, "guidance": guidance,
+        "steps": n_steps, "height": size[0], "width": size[1], "start": cfg.train.start,
+        "directions": dirs.components.tolist(), "label_method": how, "sliders": sliders,
+        "loss": {"first": losses[0] if losses else None, "last": float(np.mean(losses[-10:])) if losses else None},
+        "created": time.time(), "seconds": seconds, "complete": True, "versions": _versions(),
+    }
+
+
+def _file_metadata(manifest: dict[str, Any], slider: dict[str, Any]) -> dict[str, str]:
+    """What each slider file's safetensors header carries (str -> str)."""
+    import json
+
+    m = manifest["model"]
+    return {
+        "conceptkit.version": manifest["versions"]["conceptkit"], "conceptkit.set": manifest["name"],
+        "base_model": m["spec"], "base_model_arch": m["arch"], "base_model_fingerprint": m["fingerprint"],
+        "prompt": manifest["prompt"], "component_index": str(slider["index"]), "label": slider["label"],
+        "explained_variance": repr(slider["explained_variance"]), "encoder": manifest["encoder"],
+        "settings": json.dumps(manifest["settings"], sort_keys=True), "start": repr(manifest["start"]),
+    }
