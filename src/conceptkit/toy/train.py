@@ -1,0 +1,149 @@
+"""Train the toy model from scratch, reproducibly: `python -m conceptkit.toy.train`.
+
+Stages run in order (clip, vae, vae-decoder, clip-vision, unet); each checkpoints under `--workdir/<stage>/` and resumes
+from there. A finished stage exports its model to `--workdir/export/<stage>/`, and is skipped on
+a rerun. The UNet stage exports the whole pipeline (EMA weights) to `--output` at every
+checkpoint, so that folder is always a loadable `StableDiffusionPipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conceptkit.toy.checkpoint import replace_folder
+from conceptkit.toy.model import ToyArchitecture, weights_path
+from conceptkit.toy.train_clip import ClipTrainConfig, train_clip, zero_shot_accuracy
+from conceptkit.toy.train_vae import VaeTrainConfig, reconstruction_report, train_vae
+
+STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "unet")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def export_clip(model, tokenizer, folder: Path) -> None:
+    """Save the full CLIP and its tokenizer to `folder` atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    replace_folder(tmp, folder)
+
+
+def run_clip(args, arch: ToyArchitecture) -> None:
+    """Stage clip: train, report zero-shot accuracy, export."""
+    from conceptkit.toy.data import make_pool
+
+    config = ClipTrainConfig(steps=args.clip_steps, seed=args.seed)
+    model, tok = train_clip(config, arch, args.workdir / "clip", log=_log)
+    test = make_pool(2000, seed=args.seed + 777)
+    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
+    _log(f"clip zero-shot accuracy: {json.dumps(acc)}")
+    export_clip(model, tok, args.workdir / "export" / "clip")
+    (args.workdir / "export" / "clip_report.json").write_text(json.dumps(acc, indent=1))
+
+
+def run_clip_vision(args, arch: ToyArchitecture) -> None:
+    """Stage clip-vision: more training of the CLIP's vision side with the text tower frozen.
+
+    The UNet reads only the text tower's hidden states, so this stage can run before, during or
+    after the UNet stage without changing what the UNet was trained on.
+    """
+    from conceptkit.toy.data import make_pool
+    from conceptkit.toy.model import load_clip
+
+    config = ClipTrainConfig(steps=args.clip_vision_steps, seed=args.seed + 50, lr=5e-4, warmup=50, freeze_text=True)
+    model, tok = train_clip(config, arch, args.workdir / "clip-vision", log=_log, init=load_clip(args.workdir / "export" / "clip"))
+    test = make_pool(2000, seed=args.seed + 777)
+    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
+    _log(f"clip-vision zero-shot accuracy: {json.dumps(acc)}")
+    export_clip(model, tok, args.workdir / "export" / "clip")
+    (args.workdir / "export" / "clip_report.json").write_text(json.dumps(acc, indent=1))
+    (args.workdir / "export" / "clip-vision.done").write_text("done\n")
+
+
+def run_vae(args, arch: ToyArchitecture) -> None:
+    """Stage vae: train, set the scaling factor, report analyser accuracy on reconstructions, export."""
+    config = VaeTrainConfig(steps=args.vae_steps, seed=args.seed)
+    vae = train_vae(config, arch, args.workdir / "vae", log=_log)
+    report = reconstruction_report(vae)
+    _log(f"vae reconstruction (analyser on reconstructions): {json.dumps(report)}")
+    folder = args.workdir / "export" / "vae"
+    tmp = folder.with_name("vae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    replace_folder(tmp, folder)
+    (args.workdir / "export" / "vae_report.json").write_text(json.dumps(report, indent=1))
+
+
+def run_vae_decoder(args, arch: ToyArchitecture) -> None:
+    """Stage vae-decoder: more training of the decoder alone; the latent space stays as the UNet knows it."""
+    from diffusers import AutoencoderKL
+
+    folder = args.workdir / "export" / "vae"
+    config = VaeTrainConfig(steps=args.vae_decoder_steps, seed=args.seed + 60, lr=5e-4, warmup=50, decoder_only=True)
+    vae = train_vae(config, arch, args.workdir / "vae-decoder", log=_log, init=AutoencoderKL.from_pretrained(folder))
+    report = reconstruction_report(vae)
+    _log(f"vae-decoder reconstruction (analyser on reconstructions): {json.dumps(report)}")
+    tmp = folder.with_name("vae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    replace_folder(tmp, folder)
+    (args.workdir / "export" / "vae_report.json").write_text(json.dumps(report, indent=1))
+    (args.workdir / "export" / "vae-decoder.done").write_text("done\n")
+
+
+def run_unet(args, arch: ToyArchitecture) -> None:
+    """Stage unet: train on precomputed latents, exporting the pipeline at each checkpoint."""
+    from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
+
+    config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every)
+    train_unet(config, arch, args.workdir, args.output, log=_log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the requested stages."""
+    p = argparse.ArgumentParser(prog="python -m conceptkit.toy.train", description=__doc__)
+    p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
+    p.add_argument("--workdir", type=Path, default=Path("toy-train"), help="checkpoints and stage exports")
+    p.add_argument("--output", type=Path, default=weights_path(), help="where the pipeline is exported")
+    p.add_argument("--clip-steps", type=int, default=ClipTrainConfig.steps)
+    p.add_argument("--vae-steps", type=int, default=VaeTrainConfig.steps)
+    p.add_argument("--vae-decoder-steps", type=int, default=2000)
+    p.add_argument("--clip-vision-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=60_000)
+    p.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between UNet checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 on a shared machine (oversubscribed threads ran 5x slower here), 0 for torch's default")
+    p.add_argument("--fresh", action="store_true", help="retrain a stage even if its export exists (resumes its checkpoint)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        p.error(f"unknown stages {bad}; choose from {STAGES}")
+    arch = ToyArchitecture()
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        marker = args.workdir / "export" / (f"{stage}.done" if stage in ("clip-vision", "vae-decoder") else stage)
+        if stage != "unet" and marker.exists() and not args.fresh:
+            _log(f"{stage}: export exists, skipping (use --fresh to retrain)")
+            continue
+        _log(f"{stage}: start")
+        {"clip": run_clip, "vae": run_vae, "vae-decoder": run_vae_decoder, "clip-vision": run_clip_vision, "unet": run_unet}[stage](args, arch)
+        _log(f"{stage}: done")
+
+
+if __name__ == "__main__":
+    main()
