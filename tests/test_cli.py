@@ -102,8 +102,9 @@ def test_cache_path_list_clear():
 def test_models_lists_builtins():
     r = invoke("models", "--json")
     assert r.exit_code == 0
-    names = {m["name"] for m in json.loads(r.stdout)}
-    assert {"toy", "tiny-sd", "tiny-sdxl"} <= names
+    items = {m["name"]: m for m in json.loads(r.stdout)}
+    assert {"toy", "tiny-sd", "tiny-sdxl"} <= set(items)
+    assert "triangle" in items["toy"]["world"]["factors"]["shape"] and "red" in items["toy"]["world"]["vocabulary"]
 
 
 def test_harvest_saves_images_with_their_settings(tmp_path):
