@@ -14,9 +14,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from conceptkit.toy import SAMPLING_DEFAULTS, load_pipeline, weights_path  # noqa: E402
+from conceptkit.toy import SAMPLING_DEFAULTS, load_pipeline, weights_path
 
 
 def main() -> None:

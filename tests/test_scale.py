@@ -38,3 +38,26 @@ def test_work_is_split_by_chunk_ownership():
     flat = sorted(i for share in shares for batch in share for i in batch)
     assert flat == [2, 3, 4, 6, 7, 8, 9, 10]  # every missing trajectory once
     assert shares[0] == [[2], [6, 7, 8]] and shares[1] == [[3, 4], [9, 10]]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_sliders_equal_single_process(tmp_path):
+    from safetensors.torch import load_file
+
+    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    args = ["sliders", "a cat", "--model", "tiny-sd", "--count", "3", "--samples", "4", "--encoder", "pixel",
+            "--train-steps", "4", "--json"]
+    env = {**os.environ, "CONCEPTKIT_HOME": str(tmp_path / "two")}
+    two = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "conceptkit", *args],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert two.returncode == 0, two.stderr
+    env["CONCEPTKIT_HOME"] = str(tmp_path / "one")
+    one = subprocess.run([sys.executable, "-m", "conceptkit", *args], capture_output=True, text=True, env=env, timeout=900)
+    assert one.returncode == 0, one.stderr
+    a, b = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document per launch
+    assert [s["label"] for s in a["sliders"]] == [s["label"] for s in b["sliders"]]
+    for sa, sb in zip(a["sliders"], b["sliders"]):
+        ta, tb = load_file(sa["file"]), load_file(sb["file"])
+        assert ta.keys() == tb.keys()
+        for k in ta:  # float noise only (see test_sliders' share test): 1% of each factor's norm
+            assert (ta[k] - tb[k]).norm() < 1e-2 * tb[k].norm(), k

@@ -334,3 +334,45 @@ def test_x0_final_uses_only_the_last_step():
     line = _one_line_error(runner.invoke(app, ["sliders", "a shape", "-m", "tiny-sd", "--samples", "3", "--count", "3",
                                                "--x0", "final", "--encoder", "pixel"]))
     assert "--count must be between 1 and 2" in line
+
+
+def test_a_share_of_the_sliders_gets_the_gradients_it_has_in_the_step_over_all(trained):
+    """Slider-parallel training rests on this: slider k's gradient does not depend on which other
+    sliders share the pass (same pairs, same signs, same loss weight). Up to float noise: a batch
+    of another size sums in another order (~5e-7 on embeddings), which the cosine loss amplifies
+    where a shift is small, so the check is at 1% of each gradient's scale (a wrong sign or loss
+    weight is off by 100% or more)."""
+    from conceptkit import harvest
+    from conceptkit.features import load_encoder
+    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
+    from conceptkit.slider_train import PairSource, encode_conditioning, train_step
+
+    model = trained[0]
+    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=6)).path)
+    cond = encode_conditioning(model, ["a shape"], 3.0, (32, 32))
+    enc = load_encoder("pixel")
+    pairs = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, seed=0)
+    dirs = torch.nn.functional.normalize(torch.randn(3, enc.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    settings = TrainSettings(pairs=2)
+    bank = install_sliders(model.pipe.unet, SliderLoraConfig(3, init_b_std=1.0))  # shifts well above float noise
+    try:
+        def grads(sliders):
+            for p in bank.parameters():
+                p.grad = None
+            loss = train_step(model, bank, enc, pairs, cond, 3.0, dirs, settings, step=5, sliders=sliders)
+            return float(loss), [p.grad.clone() for p in bank.parameters()]
+
+        full_loss, full = grads(None)
+        share_loss = 0.0
+        for share in (torch.tensor([0, 2]), torch.tensor([1])):
+            loss, part = grads(share)
+            share_loss += loss
+            for g_full, g_part in zip(full, part):
+                scale = g_full[share].abs().max()
+                assert (g_part[share] - g_full[share]).abs().max() < 1e-2 * scale
+                others = torch.ones(3, dtype=torch.bool)
+                others[share] = False
+                assert torch.count_nonzero(g_part[others]) == 0
+        assert share_loss == pytest.approx(full_loss, rel=1e-4)
+    finally:
+        bank.remove()

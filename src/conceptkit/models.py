@@ -29,6 +29,7 @@ from conceptkit.model_sources import (
     toy_folder,
 )
 from conceptkit.single_file import check_config_matches, inspect_single_file, load_single_file
+from conceptkit.full_models import FULL_NAMES, build_full
 from conceptkit.tiny_models import TINY_NAMES, build_tiny
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ BUILTINS = (
     BuiltinModel("toy", "sd1", "the trained toy world model (32x32 shapes and colours): fast end-to-end runs with known answers"),
     BuiltinModel("tiny-sd", "sd1", "tiny random SD 1.x-shaped pipeline built from config: tests and dry runs, draws noise"),
     BuiltinModel("tiny-sdxl", "sdxl", "tiny random SDXL-shaped pipeline (two text encoders): tests and dry runs, draws noise"),
+    BuiltinModel("random-sd15", "sd1", "full-size SD 1.5 architecture with random weights (860M UNet): benchmarks, draws noise"),
+    BuiltinModel("random-sdxl", "sdxl", "full-size SDXL base architecture with random weights (2.6B UNet): benchmarks, draws noise"),
 )
 
 
@@ -238,6 +241,8 @@ def _locate(spec: str, config: str | Path | None) -> tuple[Callable[[], Diffusio
     """
     if spec in TINY_NAMES:
         return (lambda: build_tiny(spec)), "builtin", spec, None
+    if spec in FULL_NAMES:
+        return (lambda: build_full(spec)), "builtin", spec, None
     if spec == "toy":
         folder = toy_folder()
         check_folder(folder, spec)

@@ -206,11 +206,14 @@ def train_step(model, bank: SliderBank, encoder, pairs: PairSource, cond: Condit
 
     Args:
         directions: (K, d) target directions (all of the bank's sliders).
-        sliders: (S,) which sliders take part (the rest keep strength 0); the sequential baseline
-            of the benchmark passes one at a time.
+        sliders: (S,) which sliders take part (the rest keep strength 0): the sequential baseline
+            of the benchmark passes one at a time, a process of a slider-parallel run its share.
+            Each slider gets the signs and the loss weight it has in the step over all K, so the
+            sliders' gradients do not depend on which others share the pass.
     Returns: the loss (a scalar tensor, already backpropagated).
     """
-    sliders = torch.arange(bank.num_sliders) if sliders is None else sliders
+    k_all = bank.num_sliders
+    sliders = torch.arange(k_all) if sliders is None else sliders
     s = len(sliders)
     b = settings.pairs
     xt, t, pidx = pairs.draw(step, b)
@@ -219,14 +222,14 @@ def train_step(model, bank: SliderBank, encoder, pairs: PairSource, cond: Condit
         base = encoder(decode(model, predict_x0(model, xt, t, cond, pidx, guidance))).float()
     # 2. every pair repeated for each slider, slider-major: row k*b + i is slider k on pair i
     idx = sliders.repeat_interleave(b)
-    sign = _signs(step, s * b, settings.symmetric, settings.seed)
+    sign = _signs(step, k_all * b, settings.symmetric, settings.seed).view(k_all, b)[sliders].flatten()
     route = idx.repeat(2) if cond.uncond is not None else idx
     strength = (sign * settings.strength).repeat(2) if cond.uncond is not None else sign * settings.strength
     with bank.route(route, strength.to(model.device)):
         x0 = predict_x0(model, xt.repeat(s, 1, 1, 1), t.repeat(s), cond, pidx.repeat(s), guidance)
     shifted = encoder(decode(model, x0)).float()
     target = directions.to(shifted.device)[idx] * sign.to(shifted.device)[:, None]
-    loss = slider_loss(shifted - base.repeat(s, 1).to(shifted.device), target)
+    loss = slider_loss(shifted - base.repeat(s, 1).to(shifted.device), target) * (s / k_all)
     loss.backward()
     return loss.detach()
 
@@ -276,10 +279,13 @@ def load_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, ke
 
 def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditioning, guidance: float,
           directions: torch.Tensor, settings: TrainSettings, *, checkpoint: Path | None = None, key: str = "",
-          checkpoint_every: int | None = None, progress: Progress | None = None) -> list[float]:
-    """Optimise all K sliders together; resumes from `checkpoint` when it was written for `key`.
+          checkpoint_every: int | None = None, progress: Progress | None = None,
+          sliders: torch.Tensor | None = None) -> list[float]:
+    """Optimise all K sliders together (or the share `sliders` of them); resumes from `checkpoint`
+    when it was written for `key`.
 
-    Returns the loss of every step run by this call.
+    Returns the loss of every step run by this call (of the share: the K-slider loss is the sum
+    over the shares).
     """
     every = checkpoint_every or CHECKPOINT_EVERY
     opt = torch.optim.AdamW(bank.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -289,7 +295,7 @@ def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditionin
         progress(first, settings.steps)
     for step in range(first, settings.steps):
         opt.zero_grad(set_to_none=True)
-        loss = train_step(model, bank, encoder, pairs, cond, guidance, directions, settings, step)
+        loss = train_step(model, bank, encoder, pairs, cond, guidance, directions, settings, step, sliders=sliders)
         opt.step()
         losses.append(float(loss))
         if checkpoint is not None and ((step + 1) % every == 0) and step + 1 < settings.steps:

@@ -14,6 +14,7 @@ key and a training checkpoint, and a rerun with the same settings resumes from i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -142,13 +143,17 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
     from conceptkit import harvest
     from conceptkit.features import load_encoder, resolve_spec
 
-    say = stage or (lambda _m: None)
+    rank, world = harvest.distributed()
+    say = (stage or (lambda _m: None)) if rank == 0 else (lambda _m: None)
     started = time.perf_counter()
     encoder_spec = resolve_spec(cfg.encoder, model.spec)
     key = set_key(model, cfg, encoder_spec)
     name = cfg.set_name
     art = store.artifact("sliders", name)
-    with art.lock(on_wait=on_wait):
+    # Processes of one launch share the sliders (slider k trains in process k % world); separate
+    # runs take the set's lock, which the main process holds for the whole launch.
+    guard = art.lock(on_wait=on_wait) if rank == 0 else contextlib.nullcontext()
+    with guard:
         # 0. a set of that name: the same settings are done; others need --overwrite
         if art.exists():
             m = art.manifest()
@@ -159,10 +164,12 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
                                  f"or --name to keep both")
         work = art.path.parent / f".work-{name}"
         state = work / "state.json"
-        if work.exists() and (not state.exists() or store.read_json(state).get("key") != key):
-            shutil.rmtree(work, ignore_errors=True)  # a work folder from other settings: start clean
-        for stale in art.path.parent.glob(f".tmp-{name}-*"):  # left by a run killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
+        if rank == 0:
+            if work.exists() and (not state.exists() or store.read_json(state).get("key") != key):
+                shutil.rmtree(work, ignore_errors=True)  # a work folder from other settings: start clean
+            for stale in art.path.parent.glob(f".tmp-{name}-*"):  # left by a run killed while writing
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier(world)
         encoder = load_encoder(encoder_spec, model.spec, model.device)  # a missing encoder fails before any work
         # 1. harvest (cached and resumable by itself)
         say("harvesting")
@@ -191,11 +198,19 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             cond = encode_conditioning(model, [cfg.prompt], guidance, size)
             pairs = PairSource(h.xt, h.timesteps, h.prompt_index, cfg.train.start, cfg.train.seed)
             directions = torch.from_numpy(dirs.components).float()
-            say(f"training {cfg.count} sliders")
-            work.mkdir(parents=True, exist_ok=True)
-            store.write_json(work / "state.json", {"key": key, "name": name})
-            losses = train(model, bank, encoder, pairs, cond, guidance, directions, cfg.train,
-                           checkpoint=work / "checkpoint.safetensors", key=key, progress=progress)
+            say(f"training {cfg.count} sliders" + (f" in {world} processes" if world > 1 else ""))
+            mine = torch.arange(rank, cfg.count, world)
+            if rank == 0:
+                work.mkdir(parents=True, exist_ok=True)
+                store.write_json(work / "state.json", {"key": key, "name": name})
+            _barrier(world)
+            ckpt = work / ("checkpoint.safetensors" if world == 1 else f"checkpoint-{rank}-of-{world}.safetensors")
+            losses = train(model, bank, encoder, pairs, cond, guidance, directions, cfg.train, checkpoint=ckpt,
+                           key=key, progress=progress if rank == 0 else None,
+                           sliders=mine if world > 1 else None)
+            loss = _loss_summary(losses)
+            if world > 1:
+                loss = _share_trained(bank, mine, loss)
             # 5. measure and label
             say("measuring and labelling")
             from conceptkit import slider_labels
@@ -203,29 +218,62 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             effects = slider_labels.measure(model, bank, encoder, pairs, cond, guidance, dirs.components,
                                             strength=cfg.train.strength)
             labels, scores, how = slider_labels.label(effects, encoder, cfg.prompt)
-            # 6. write the set into a temporary folder, then rename it into place
+            # 6. write the set into a temporary folder, then rename it into place (the main process)
             manifest = _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how,
-                                 losses, size, guidance, len(h.timesteps), time.perf_counter() - started)
-            tmp = art.path.parent / f".tmp-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for s in manifest["sliders"]:
-                bank.save_slider(s["index"], tmp / s["file"], _file_metadata(manifest, s))
-            store.Artifact("sliders", name, tmp).write_manifest(manifest)
+                                 loss, size, guidance, len(h.timesteps), time.perf_counter() - started)
+            if rank == 0:
+                tmp = art.path.parent / f".tmp-{name}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for s in manifest["sliders"]:
+                    bank.save_slider(s["index"], tmp / s["file"], _file_metadata(manifest, s))
+                store.Artifact("sliders", name, tmp).write_manifest(manifest)
         finally:
             bank.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
-        if art.path.exists():
-            old = art.path.with_name(f".old-{name}-{os.getpid()}")
-            os.replace(art.path, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, art.path)
-        shutil.rmtree(work, ignore_errors=True)
+        if rank == 0:
+            if art.path.exists():
+                old = art.path.with_name(f".old-{name}-{os.getpid()}")
+                os.replace(art.path, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, art.path)
+            shutil.rmtree(work, ignore_errors=True)
+        _barrier(world)
         return from_manifest(art.path, art.manifest(), seconds=time.perf_counter() - started)
 
 
-def _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how, losses, size,
+def _barrier(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _loss_summary(losses: list[float]) -> dict[str, float | None]:
+    return {"first": losses[0] if losses else None, "last": float(np.mean(losses[-10:])) if losses else None}
+
+
+def _share_trained(bank, mine: torch.Tensor, loss: dict[str, float | None]) -> dict[str, float | None]:
+    """After a slider-parallel run: every process gets every slider's trained factors (rows of the
+    other processes' sliders are summed in from them; a process's own rows are exact), and the
+    losses of the shares are summed into the K-slider loss."""
+    import torch.distributed as dist
+
+    for p in bank.parameters():
+        keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+        keep[mine.to(p.device)] = True
+        with torch.no_grad():
+            mask = keep.view(-1, *([1] * (p.dim() - 1))).to(p.dtype)
+            p.mul_(mask)
+            dist.all_reduce(p.data)
+    # a share resumed from its checkpoint ran no step in this call: its loss counts as 0 here
+    total = torch.tensor([loss[k] or 0.0 for k in ("first", "last")], dtype=torch.float64)
+    dist.all_reduce(total)
+    return {"first": float(total[0]), "last": float(total[1])}
+
+
+def _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how, loss, size,
               guidance, n_steps, seconds) -> dict[str, Any]:
     from conceptkit.harvest import _versions
 
@@ -243,7 +291,7 @@ def _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, 
         "settings": settings, "settings_key": key, "harvest": hres.key, "guidance": guidance,
         "steps": n_steps, "height": size[0], "width": size[1], "start": cfg.train.start,
         "directions": dirs.components.tolist(), "label_method": how, "sliders": sliders,
-        "loss": {"first": losses[0] if losses else None, "last": float(np.mean(losses[-10:])) if losses else None},
+        "loss": loss,
         "created": time.time(), "seconds": seconds, "complete": True, "versions": _versions(),
     }
 

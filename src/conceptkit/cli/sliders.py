@@ -78,9 +78,18 @@ def train(
     cfg = SlidersConfig(prompt=prompt, count=count, samples=samples, x0=x0, encoder=encoder, rank=rank, targets=targets,
                         steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
                         train=TrainSettings(steps=train_steps, pairs=pairs, lr=lr, start=start, seed=seed))
+    from conceptkit.harvest import distributed
+
+    rank, world = distributed()
+    if world > 1 and device == "auto":  # under `accelerate launch`: this process's own device
+        from accelerate import PartialState
+
+        device = str(PartialState().device)
     loaded = load(model, device, dtype, config)
-    with ui.progress("sliders", unit="steps", enabled=not json_out or sys.stderr.isatty()) as bar:
+    with ui.progress("sliders", unit="steps", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
         sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
+    if rank != 0:  # one report per launch, from the main process
+        return
     doc = sset.to_json()
     if export is not None:
         doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
