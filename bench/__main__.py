@@ -1,7 +1,7 @@
 """One entry point for the benchmarks, at toy size or at full SD 1.5 / SDXL size with random weights.
 
     python -m bench all --arch toy|sd15|sdxl [--device auto|cpu|cuda] [--dtype auto|float16|bfloat16]
-    python -m bench harvest|sliders|cluster --arch sd15 --size 256
+    python -m bench harvest|sliders|cluster|memory --arch sd15 --size 256
 
 Each benchmark prints its JSON record, writes it to bench/results/DATE-BENCH-ARCH-DEVICE.json and
 appends one line to the "Records" table of docs/benchmarks.md (machine, device, date, numbers).
@@ -54,6 +54,12 @@ def _summary(rec: dict) -> str:
         return (f"K={rec['count']}, {rec['pairs_per_slider']} pairs/slider at {rec['size']} px: batched "
                 f"{rec['batched_s_per_step']} s/step, one at a time {rec['sequential_s_per_step']} s/step, "
                 f"ratio {rec['ratio']}x{mem}")
+    if rec["bench"] == "memory":
+        key = "peak_cuda_gib" if "peak_cuda_gib" in rec["settings"][0] else "peak_rss_gib"
+        off, on = rec["settings"]
+        return (f"K={rec['sliders']}, {rec['pairs_per_slider']} pairs/slider at {rec['size']} px, peak "
+                f"{'CUDA' if key == 'peak_cuda_gib' else 'RSS'}: {off[key]} GiB, with gradient checkpointing "
+                f"{on[key]} GiB (before training {off['rss_before_training_gib']} GiB); step {off['step_s']} s vs {on['step_s']} s")
     big = rec["sizes"][-1]
     return (f"{rec['items']:,} neuron-timestep items; PCA+FCM of {big['kept']:,} kept maps ({rec['map_side']}^2 px): "
             f"{big['pca_s'] + big['fcm_s']:.2f} s; cost grows as n^{rec['growth_exponent']}")
@@ -80,7 +86,7 @@ def record(rec: dict, device: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("all", "harvest", "sliders", "cluster"))
+    p.add_argument("what", choices=("all", "harvest", "sliders", "cluster", "memory"))
     p.add_argument("--arch", choices=sorted(SPEC), default="toy")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -101,7 +107,7 @@ def main() -> None:
     size, samples, steps, k = a.size or size, a.samples or samples, a.steps or steps, a.sliders or k
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-bench-")
     emit = (lambda rec: print(json.dumps(rec))) if a.no_record else (lambda rec: record(rec, kind))
-    todo = ("harvest", "sliders", "cluster") if a.what == "all" else (a.what,)
+    todo = ("harvest", "sliders", "cluster", "memory") if a.what == "all" else (a.what,)
     model = None
     if "harvest" in todo or "sliders" in todo:
         t0 = time.perf_counter()
@@ -126,6 +132,14 @@ def main() -> None:
 
         sizes = [500, 2000, 8000] + ([32000] if a.arch != "toy" else [])
         emit({**fcm.measure(a.arch, sizes), "device": "cpu (numpy)"})
+    if "memory" in todo:
+        from bench import memory
+
+        del model  # each setting loads its own copy in a fresh process
+        import gc
+
+        gc.collect()
+        emit({**memory.measure(a.arch, size, k, pairs, steps, a.device, a.dtype), "device": device})
 
 
 if __name__ == "__main__":

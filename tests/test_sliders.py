@@ -376,3 +376,29 @@ def test_a_share_of_the_sliders_gets_the_gradients_it_has_in_the_step_over_all(t
         assert share_loss == pytest.approx(full_loss, rel=1e-4)
     finally:
         bank.remove()
+
+
+def test_gradient_checkpointing_trains_the_same_sliders(tmp_path, monkeypatch):
+    """--gradient-checkpointing trades time for memory only: same key, same factors."""
+    from safetensors.torch import load_file
+
+    from conceptkit.models import load_model
+    from conceptkit.sliders import SlidersConfig, run
+
+    from conceptkit.slider_lora import SliderBank
+
+    monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path))
+    model = load_model("tiny-sd", device="cpu")
+    settings = dict(SMALL, train=TrainSettings(steps=3, pairs=2, lr=1e-2))
+    plain = run(model, SlidersConfig("a shape", name="plain", **settings))
+    calls = []
+    original = SliderBank.checkpoint
+    monkeypatch.setattr(SliderBank, "checkpoint", lambda self, *a: calls.append(1) or original(self, *a))
+    ckpt = run(model, SlidersConfig("a shape", name="ckpt", gradient_checkpointing=True, **settings))
+    assert calls, "the UNet blocks never went through the bank's checkpoint"
+    assert not model.pipe.unet.is_gradient_checkpointing and not model.pipe.vae.is_gradient_checkpointing
+    assert plain.manifest["settings_key"] == ckpt.manifest["settings_key"]
+    for a, b in zip(plain.sliders, ckpt.sliders):
+        ta, tb = load_file(plain.path / a.file), load_file(ckpt.path / b.file)
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6)

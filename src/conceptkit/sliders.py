@@ -45,7 +45,7 @@ Stage = Callable[[str], None]
 
 @dataclass(frozen=True)
 class SlidersConfig:
-    """Settings of one SliderSpace run; everything but `name` and `overwrite` enters the key."""
+    """Settings of one SliderSpace run; everything but TRANSIENT enters the key."""
 
     prompt: str
     count: int = 16  # K sliders = principal directions
@@ -61,6 +61,7 @@ class SlidersConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     name: str | None = None  # set name; default: slug of the prompt
     overwrite: bool = False  # replace an existing set trained with other settings
+    gradient_checkpointing: bool = False  # recompute UNet and VAE-decoder activations in backward: less memory, same result
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -124,9 +125,12 @@ class SliderSet:
                 "sliders": [{**asdict(s), "file": str(self.path / s.file)} for s in self.sliders]}
 
 
+TRANSIENT = ("name", "overwrite", "gradient_checkpointing")  # settings that do not change the sliders
+
+
 def set_key(model, cfg: SlidersConfig, encoder_spec: str) -> str:
     settings = asdict(cfg)
-    for transient in ("name", "overwrite"):
+    for transient in TRANSIENT:
         settings.pop(transient)
     settings["encoder"] = encoder_spec
     return store.make_key({"format": SET_FORMAT, "model": model.identity(), "settings": settings})
@@ -195,6 +199,8 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         try:
             for p, _ in saved:
                 p.requires_grad_(False)
+            if cfg.gradient_checkpointing:
+                _checkpointing(model, bank, True)
             cond = encode_conditioning(model, [cfg.prompt], guidance, size)
             pairs = PairSource(h.xt, h.timesteps, h.prompt_index, cfg.train.start, cfg.train.seed)
             directions = torch.from_numpy(dirs.components).float()
@@ -229,6 +235,8 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
                     bank.save_slider(s["index"], tmp / s["file"], _file_metadata(manifest, s))
                 store.Artifact("sliders", name, tmp).write_manifest(manifest)
         finally:
+            if cfg.gradient_checkpointing:
+                _checkpointing(model, bank, False)
             bank.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
@@ -241,6 +249,17 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             shutil.rmtree(work, ignore_errors=True)
         _barrier(world)
         return from_manifest(art.path, art.manifest(), seconds=time.perf_counter() - started)
+
+
+def _checkpointing(model, bank, on: bool) -> None:
+    """Gradient checkpointing of the UNet (replaying each forward's slider routing) and the VAE decoder."""
+    unet, vae = model.pipe.unet, model.pipe.vae
+    if on:
+        unet.enable_gradient_checkpointing(bank.checkpoint)
+        vae.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+        vae.disable_gradient_checkpointing()
 
 
 def _barrier(world: int) -> None:
@@ -278,7 +297,8 @@ def _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, 
     from conceptkit.harvest import _versions
 
     settings = asdict(cfg)
-    settings.pop("overwrite")
+    for transient in TRANSIENT[1:]:
+        settings.pop(transient)
     settings["encoder"] = encoder_spec
     sliders = [
         {"index": i, "label": labels[i], "explained_variance": float(dirs.explained_variance_ratio[i]),

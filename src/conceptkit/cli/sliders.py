@@ -65,6 +65,7 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
     export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     config: ConfigOpt = None,
@@ -76,7 +77,7 @@ def train(
     from conceptkit.sliders import SlidersConfig, run
 
     cfg = SlidersConfig(prompt=prompt, count=count, samples=samples, x0=x0, encoder=encoder, rank=rank, targets=targets,
-                        steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
+                        steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite, gradient_checkpointing=gradient_checkpointing,
                         train=TrainSettings(steps=train_steps, pairs=pairs, lr=lr, start=start, seed=seed))
     from conceptkit.harvest import distributed
 
