@@ -1,8 +1,14 @@
-"""Time `conceptkit cluster PROMPT --tau 0.9 --k 4` from an empty store (harvest included) and check its metrics.
+"""Time `conceptkit cluster PROMPT --tau 0.9 --k 4` from an empty store (harvest included) and check its metrics;
+or measure its sub-concepts' images (VbSC) against random neuron groups.
 
 Usage: python bench/cluster.py [--model toy] [--prompt "a red circle"] [--threads 2] [--sweeps] [--plots DIR] [--keep DIR]
 The bar: at most 300 s on 2 CPU cores for the toy. Every metric in the JSON is recomputed from the
 saved arrays with scikit-learn (tolerance 1e-6). Prints one JSON document on stdout.
+
+       python bench/cluster.py vbsc [--prompt "a red circle"] [--images 32] [--draws 5] [--modes close,only] [--grids DIR]
+Clusters PROMPT (cached in --keep), renders every sub-concept in each mode and as many random
+neuron groups of the same sizes (`conceptkit.picasso_eval.vbsc`), embeds the images with the toy
+CLIP and scores them as a clustering; reads the toy images with the analyser. One JSON document.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -82,5 +89,64 @@ def main() -> None:
     print(json.dumps(out, indent=2, default=str))
 
 
+def vbsc_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="bench/cluster.py vbsc", description="VbSC: sub-concept images against random neuron groups")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--prompt", default="a red circle")
+    p.add_argument("--tau", default="0.9")
+    p.add_argument("--k", default="4")
+    p.add_argument("--images", type=int, default=32, help="images per sub-concept (and per random group)")
+    p.add_argument("--draws", type=int, default=5, help="random neuron groupings")
+    p.add_argument("--modes", default="close,only")
+    p.add_argument("--encoder", default="toy")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grids", default=None, help="write one PNG per mode: unmodified row, then a row per sub-concept")
+    p.add_argument("--keep", default=None, help="use this CONCEPTKIT_HOME (kept) instead of a temporary one")
+    p.add_argument("extra", nargs="*", help="more cluster options, after --")
+    args = p.parse_args(argv)
+
+    home = args.keep or tempfile.mkdtemp(prefix="ck-bench-")
+    os.environ.update(CONCEPTKIT_HOME=home, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, "-m", "conceptkit", "cluster", args.prompt, "--model", args.model, "--tau", args.tau, "--k", args.k,
+           "--json", *args.extra]
+    run = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        sys.stderr.write(run.stderr)
+        raise SystemExit(run.returncode)
+    doc = json.loads(run.stdout)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from conceptkit import picasso_eval, subconcepts
+    from conceptkit.models import load_model
+
+    model = load_model(args.model)
+    sub = subconcepts.load(doc["key"])
+    cfg = picasso_eval.VbscConfig(images=args.images, draws=args.draws, modes=tuple(args.modes.split(",")), encoder=args.encoder)
+    res = picasso_eval.vbsc(model, sub, cfg, progress=lambda d, t: print(f"\r{d}/{t} groups", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    out = {"command": " ".join(cmd[2:]), "threads": args.threads, "cluster_metrics": doc["metrics"],
+           "clusters": [{k: c[k] for k in ("cluster", "size", "group_share", "layer_share")} for c in doc["clusters"]],
+           "vbsc": picasso_eval.to_dict(res), "home": home}
+    if args.grids:
+        from conceptkit.generate import _png
+
+        grids = {}
+        for mode in cfg.modes:
+            path = os.path.join(args.grids, f"subconcepts-{mode}.png")
+            image = picasso_eval.grid(model, sub, mode, range(8), upscale=3)
+            settings = {"prompt": sub.prompts[0], "steps": model.default_steps, "guidance": model.default_guidance,
+                        "seeds": list(range(8)), "model": model.identity(), "cluster_key": sub.key, "mode": mode,
+                        "rows": ["unmodified", *[f"sub-concept {c}" for c in range(sub.k)]]}
+            _png(image, Path(path), settings)
+            grids[mode] = path
+        out["grids"] = grids
+    print(json.dumps(out, indent=2, default=str))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "vbsc":
+        vbsc_main(sys.argv[2:])
+    else:
+        main()

@@ -1,11 +1,12 @@
-"""Sample images with UNet modifications applied (SliderSpace sliders), each PNG with its settings.
+"""Sample images with UNet modifications applied (sliders, sub-concepts), each PNG with its settings.
 
 A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
 and `describe() -> dict`: sliders here (`SliderModification`, applied from the set's start
-fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4), Picasso sub-concepts
-later. Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's,
-bitwise. `--random-sliders N` gives every image its own sparse random combination (the paper's
-diversity experiment, Sec. 5.2) and records it in the PNG.
+fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4) and Picasso
+sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`).
+Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's, bitwise.
+`--random-sliders N` gives every image its own sparse random combination (the paper's diversity
+experiment, Sec. 5.2) and records it in the PNG.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class GenerateConfig:
     sweep: str | None = None  # `[SET/]LABEL=LO:HI:N`
     force: bool = False  # apply sliders trained for another base model (with a warning)
     batch_size: int = 8
+    subconcepts: tuple[str, ...] = ()  # `KEY:C[:MODE[:SCALE]]`: Picasso sub-concepts applied (gates multiply)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -91,6 +93,11 @@ class GenerateConfig:
             parse_sweep(self.sweep)
         if self.slider_set is not None:
             store.check_name(self.slider_set, "slider set name")
+        if self.subconcepts:
+            from conceptkit.subconcepts import parse_spec
+
+            for text in self.subconcepts:
+                parse_spec(text)
 
 
 # ---------------------------------------------------------------- modifications
@@ -200,7 +207,8 @@ def _png(image: torch.Tensor, path: Path, settings: dict[str, Any]) -> None:
     sl = ", ".join(f"{s['set']}/{s['label']}={s['scale']:g}" for s in settings.get("sliders", []))
     info.add_text("parameters", f"{settings['prompt']}\nSteps: {settings['steps']}, CFG scale: {settings['guidance']}, "
                                 f"Seed: {settings.get('seed', settings.get('seeds'))}, Model: {settings['model']['spec']}"
-                                + (f", Sliders: {sl}" if sl else ""))
+                                + (f", Sliders: {sl}" if sl else "")
+                                + (f", Sub-concepts: {' '.join(settings['subconcepts'])}" if settings.get("subconcepts") else ""))
     with store.atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
 
@@ -259,13 +267,20 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     chosen = [(s, i) for _, s, i in fixed] + ([swept] if swept else []) + pool
     for sset in {s.name: s for s, _ in chosen}.values():
         _check_model(sset, model, cfg.force, warn)
+    # 1b. resolve every sub-concept (all checked before any hook goes on)
+    from conceptkit import subconcepts
+
+    specs = [subconcepts.parse_spec(text) for text in cfg.subconcepts]
+    resolved = [(spec, subconcepts.resolve(spec, model)) for spec in specs]
     mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
-    mods = [mod] if mod else []
+    subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
+    mods = ([mod] if mod else []) + subs
     base_scales: dict[tuple[str, int], float] = {}
     for ref, sset, info in fixed:
         base_scales[(sset.name, info.index)] = base_scales.get((sset.name, info.index), 0.0) + ref.scale
     common = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance,
-              "conceptkit": _version(), **({"modifications": [mod.describe()]} if mod else {})}
+              "conceptkit": _version(), **({"modifications": [m.describe() for m in mods]} if mods else {}),
+              **({"subconcepts": [str(spec) for spec in specs]} if specs else {})}
     out = Path(cfg.out)
     files: list[dict[str, Any]] = []
     seeds = list(range(cfg.seed, cfg.seed + cfg.count))
@@ -277,7 +292,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                 scales = dict(base_scales)
                 key = (swept[0].name, swept[1].index)
                 scales[key] = scales.get(key, 0.0) + value
-                columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales))
+                columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales, subs))
                 if progress:
                     progress(k + 1, len(sweep.strengths))
             grid = torch.stack(columns, 1).flatten(0, 1)  # (seeds*strengths, 3, H, W), row-major
@@ -286,7 +301,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                                   "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
             path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
             _png(_grid(grid, len(seeds), len(sweep.strengths)), path, settings)
-            files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep")}})
+            files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep", "subconcepts") if k in settings}})
         else:
             # 2b. one image per seed; random combinations drawn per image
             per_image = [dict(base_scales) for _ in seeds]
@@ -299,13 +314,14 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
             done = 0
             for i in range(0, len(seeds), cfg.batch_size):
                 chunk = seeds[i:i + cfg.batch_size]
-                images = _batched(model, mod, cfg, chunk, steps, guidance, per_image[i:i + len(chunk)])
+                images = _batched(model, mod, cfg, chunk, steps, guidance, per_image[i:i + len(chunk)], subs)
                 for seed, img, sc in zip(chunk, images, per_image[i:i + len(chunk)]):
                     settings = {**common, "seed": seed, "sliders": _describe(sc, chosen),
                                 **({"random_sliders": cfg.random_sliders} if cfg.random_sliders else {})}
                     path = out / f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png"
                     _png(img, path, settings)
-                    files.append({"path": str(path), "seed": seed, "sliders": settings["sliders"]})
+                    files.append({"path": str(path), "seed": seed, "sliders": settings["sliders"],
+                                  **({"subconcepts": settings["subconcepts"]} if specs else {})})
                 done += len(chunk)
                 if progress:
                     progress(done, len(seeds))
@@ -315,10 +331,10 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     return GenerateResult(files, out)
 
 
-def _batched(model, mod, cfg, seeds, steps, guidance, scales) -> torch.Tensor:
+def _batched(model, mod, cfg, seeds, steps, guidance, scales, subs=()) -> torch.Tensor:
     if mod is not None:
         mod.set_weights(scales)
-    return sample(model, cfg.prompt, seeds, steps, guidance, [mod] if mod else [])
+    return sample(model, cfg.prompt, seeds, steps, guidance, ([mod] if mod else []) + list(subs))
 
 
 def _describe(scales: dict[tuple[str, int], float], chosen) -> list[dict[str, Any]]:

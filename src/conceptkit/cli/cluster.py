@@ -23,7 +23,17 @@ from conceptkit.cli.common import (
 from conceptkit.errors import UsageError
 
 
-def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on):
+def _with_embedding(loaded, embedding, token, prompts):
+    """The model with a textual-inversion token added (--embedding/--token), or unchanged."""
+    from conceptkit import textual_inversion
+
+    if embedding is None:
+        return loaded
+    textual_inversion.check_in_prompts(token, prompts)
+    return textual_inversion.add_embedding(loaded, embedding, token)
+
+
+def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on, embedding=None, token=None):
     """(loaded model, harvest folder): the given harvest, or a fresh (cached) one of PROMPT."""
     from conceptkit import harvest as stage
     from conceptkit import store
@@ -36,9 +46,9 @@ def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device,
         if not manifest.get("samples"):
             raise UsageError(f"harvest {art.key} holds no samples; run `conceptkit harvest` again to complete it")
         loaded = load(model or manifest["model"]["spec"], device, dtype, config)
-        return loaded, art.path
+        return _with_embedding(loaded, embedding, token, manifest["prompts"]), art.path
     cfg = stage.HarvestConfig(prompts=(prompt,), samples=samples, steps=steps, guidance=guidance, seed=seed)
-    loaded = load(model, device, dtype, config)
+    loaded = _with_embedding(load(model, device, dtype, config), embedding, token, [prompt])
     with ui.progress("harvest", unit="samples", enabled=bar_on) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     return loaded, result.path
@@ -68,6 +78,8 @@ def cluster(
     concept: Annotated[Optional[str], typer.Option(help="Words of the prompt that are the concept. Default: the whole prompt.", show_default=False)] = None,
     importance: Annotated[str, typer.Option(help="grad (Cones' weight x gradient) or activation (cheaper).")] = "grad",
     reference_images: Annotated[Optional[Path], typer.Option(help="Folder of reference images. Default: the harvest's samples.", show_default=False)] = None,
+    embedding: Annotated[Optional[Path], typer.Option(help="A learned textual-inversion embedding (.safetensors) for --token.", show_default=False)] = None,
+    token: Annotated[Optional[str], typer.Option(help="The new word the prompt uses for --embedding, e.g. '<my-dog>'.", show_default=False)] = None,
     samples: Annotated[int, typer.Option("--samples", "-n", help="Harvest trajectories (references) for a PROMPT.")] = 8,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps for a PROMPT. Default: the model's.", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale for a PROMPT. Default: the model's.", show_default=False)] = None,
@@ -83,10 +95,13 @@ def cluster(
     json_out: JsonOpt = False,
 ) -> None:
     """Cluster a concept's neurons into sub-concepts (Picasso): importance per timestep, high-pass, PCA, fuzzy c-means."""
-    from conceptkit import concept_neurons, picasso, picasso_plots
+    from conceptkit import concept_neurons, picasso, picasso_plots, textual_inversion
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded
+    textual_inversion.check_token(token, embedding)
+    if embedding is not None and prompt is not None:
+        textual_inversion.check_in_prompts(token, [prompt])
     ccfg = picasso.ClusterConfig(tau=tau, tau_mode=tau_mode, k=k, temporal_dim=temporal_dim, pca_dim=pca_dim,
                                  fuzziness=fuzziness, seed=seed, map_size=map_size)
     ncfg = concept_neurons.NeuronConfig(concept=concept, importance=importance, seed=seed, batch_size=batch_size, fs_size=fs_size,
@@ -95,7 +110,8 @@ def cluster(
               for name, text in (("k", sweep_k), ("tau", sweep_tau), ("temporal_dim", sweep_temporal_dim)) if text}
     bar_on = not json_out or sys.stderr.isatty()
     # 2. harvest and neuron statistics (both cached)
-    loaded, harvest_path = _harvest(prompt, harvest, model, samples, steps, guidance, seed, device, dtype, config, bar_on)
+    loaded, harvest_path = _harvest(prompt, harvest, model, samples, steps, guidance, seed, device, dtype, config, bar_on,
+                                    embedding, token)
     with ui.progress("neurons", unit="steps", enabled=bar_on) as bar:
         neurons = concept_neurons.run(loaded, harvest_path, ncfg, progress=bar, on_wait=ui.info)
     stats = neurons.stats
@@ -128,6 +144,7 @@ def cluster(
         "n_neurons_kept": len(res.selection.neuron), "metrics": picasso.scores_dict(res.scores, res.clustering.seconds),
         "fcm_iterations": res.clustering.n_iter, "clusters": rows, "arrays": arrays, "images": images,
         "sweeps": sweep_out, "neurons_bytes_per_step": stats.manifest.get("bytes_per_step"),
+        **({"embedding": {"path": str(embedding), "token": token}} if embedding is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     picasso.write_manifest(folder, doc)

@@ -1,4 +1,4 @@
-"""`conceptkit generate PROMPT`: images with sliders applied, settings in every PNG."""
+"""`conceptkit generate PROMPT`: images with sliders or Picasso sub-concepts applied, settings in every PNG."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps. Default: the model's.", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("conceptkit-images"),
+    subconcept: Annotated[Optional[list[str]], typer.Option("--subconcept", help="KEY:C[:MODE[:SCALE]], repeatable: sub-concept C of cluster KEY (from `conceptkit cluster`). MODE: only (close every other sub-concept's neurons; the default), close (close C's neurons) or scale (multiply them by SCALE), each in the timestep groups where they are concept neurons.", show_default=False)] = None,
+    embedding: Annotated[Optional[Path], typer.Option(help="A learned textual-inversion embedding (.safetensors) for --token.", show_default=False)] = None,
+    token: Annotated[Optional[str], typer.Option(help="The new word the prompt uses for --embedding, e.g. '<my-dog>'.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Apply sliders trained for another base model (same architecture), with a warning.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampler call.")] = 8,
     device: DeviceOpt = "auto",
@@ -43,13 +46,20 @@ def generate(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Draw images, optionally with sliders added; every PNG carries its full settings."""
+    """Draw images, optionally with sliders added or sub-concepts edited; every PNG carries its full settings."""
+    from conceptkit import textual_inversion
     from conceptkit.generate import GenerateConfig, run
 
     cfg = GenerateConfig(prompt=prompt, count=count, seed=seed, steps=steps, guidance=guidance, out=out,
                          sliders=tuple(slider or ()), random_sliders=random_sliders, random_scale=random_scale,
-                         slider_set=slider_set, sweep=sweep, force=force, batch_size=batch_size)
+                         slider_set=slider_set, sweep=sweep, force=force, batch_size=batch_size,
+                         subconcepts=tuple(subconcept or ()))
+    textual_inversion.check_token(token, embedding)
+    if embedding is not None:
+        textual_inversion.check_in_prompts(token, [prompt])
     loaded = load(model, device, dtype, config)
+    if embedding is not None:
+        loaded = textual_inversion.add_embedding(loaded, embedding, token)
     with ui.progress("generate", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         result = run(loaded, cfg, progress=bar, warn=ui.info)
     if json_out:
