@@ -1,6 +1,6 @@
 """Train the toy model from scratch, reproducibly: `python -m conceptkit.toy.train`.
 
-Stages run in order (clip, vae, vae-decoder, clip-vision, unet); each checkpoints under `--workdir/<stage>/` and resumes
+Stages run in order (clip, vae, vae-decoder, clip-vision, clip-contrast, unet); each checkpoints under `--workdir/<stage>/` and resumes
 from there. A finished stage exports its model to `--workdir/export/<stage>/`, and is skipped on
 a rerun. The UNet stage exports the whole pipeline (EMA weights) to `--output` at every
 checkpoint, so that folder is always a loadable `StableDiffusionPipeline`.
@@ -22,7 +22,7 @@ from conceptkit.toy.model import ToyArchitecture, weights_path
 from conceptkit.toy.train_clip import ClipTrainConfig, train_clip, zero_shot_accuracy
 from conceptkit.toy.train_vae import VaeTrainConfig, reconstruction_report, train_vae
 
-STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "unet")
+STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "clip-contrast", "unet")
 
 
 def _log(msg: str) -> None:
@@ -70,6 +70,28 @@ def run_clip_vision(args, arch: ToyArchitecture) -> None:
     (args.workdir / "export" / "clip-vision.done").write_text("done\n")
 
 
+def run_clip_contrast(args, arch: ToyArchitecture) -> None:
+    """Stage clip-contrast: fine-tune the whole CLIP with contrast groups (scenes that differ only in
+    shape, or only in size, with captions naming it), so that both towers tell shapes and sizes apart.
+
+    The text tower changes, so a UNet trained on the old one must be retrained (or warm-started)
+    on this one: the export goes to `export/clip-contrast`, which the UNet stage uses only when
+    given `--clip export/clip-contrast`.
+    """
+    from conceptkit.toy.data import make_pool
+    from conceptkit.toy.model import load_clip
+
+    config = ClipTrainConfig(steps=args.clip_contrast_steps, seed=args.seed + 70, lr=5e-4, warmup=50, contrast=0.5)
+    model, tok = train_clip(config, arch, args.workdir / "clip-contrast", log=_log,
+                            init=load_clip(args.workdir / "export" / "clip"))
+    test = make_pool(2000, seed=args.seed + 777)
+    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
+    _log(f"clip-contrast zero-shot accuracy: {json.dumps(acc)}")
+    export_clip(model, tok, args.workdir / "export" / "clip-contrast")
+    (args.workdir / "export" / "clip-contrast_report.json").write_text(json.dumps(acc, indent=1))
+    (args.workdir / "export" / "clip-contrast.done").write_text("done\n")
+
+
 def run_vae(args, arch: ToyArchitecture) -> None:
     """Stage vae: train, set the scaling factor, report analyser accuracy on reconstructions, export."""
     config = VaeTrainConfig(steps=args.vae_steps, seed=args.seed)
@@ -106,7 +128,8 @@ def run_unet(args, arch: ToyArchitecture) -> None:
     from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
 
     config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every)
-    train_unet(config, arch, args.workdir, args.output, log=_log)
+    train_unet(config, arch, args.workdir, args.output, log=_log, clip_name=args.unet_clip, stage_dir=args.unet_dir,
+               init_from=args.unet_init)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-steps", type=int, default=VaeTrainConfig.steps)
     p.add_argument("--vae-decoder-steps", type=int, default=2000)
     p.add_argument("--clip-vision-steps", type=int, default=800)
+    p.add_argument("--clip-contrast-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=60_000)
+    p.add_argument("--unet-clip", default="clip-contrast", help="the CLIP export (under WORKDIR/export) whose text tower conditions the UNet")
+    p.add_argument("--unet-dir", default="unet-contrast", help="the UNet's checkpoint folder under WORKDIR")
+    p.add_argument("--unet-init", default=None, help="warm-start from this checkpoint folder under WORKDIR when --unet-dir has none")
     p.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between UNet checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -136,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     for stage in STAGES:
         if stage not in stages:
             continue
-        marker = args.workdir / "export" / (f"{stage}.done" if stage in ("clip-vision", "vae-decoder") else stage)
+        marker = args.workdir / "export" / (f"{stage}.done" if stage in ("clip-vision", "clip-contrast", "vae-decoder") else stage)
         if stage != "unet" and marker.exists() and not args.fresh:
             _log(f"{stage}: export exists, skipping (use --fresh to retrain)")
             continue
         _log(f"{stage}: start")
-        {"clip": run_clip, "vae": run_vae, "vae-decoder": run_vae_decoder, "clip-vision": run_clip_vision, "unet": run_unet}[stage](args, arch)
+        {"clip": run_clip, "vae": run_vae, "vae-decoder": run_vae_decoder, "clip-vision": run_clip_vision,
+         "clip-contrast": run_clip_contrast, "unet": run_unet}[stage](args, arch)
         _log(f"{stage}: done")
 
 

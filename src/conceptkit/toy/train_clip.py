@@ -7,6 +7,7 @@ caption i is a positive for image j whenever every factor it names agrees with i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from conceptkit.toy.checkpoint import flatten_optimizer, load_latest, prefixed, restore_optimizer, save_checkpoint, unprefixed
-from conceptkit.toy.data import captions_for, draw_mentions, make_pool, step_generator, step_rng
+from conceptkit.toy.data import captions_for, draw_mentions, make_pool, step_generator, step_rng, to_model_range
 from conceptkit.toy.model import CONTEXT_LENGTH, ToyArchitecture, build_clip, build_tokenizer, image_embeds, text_embeds
-from conceptkit.toy.world import FACTORS, prompt
+from conceptkit.toy.world import FACTORS, SIZE_RANGES, Scene, factor_indices, prompt, render
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,48 @@ class ClipTrainConfig:
     seed: int = 0
     checkpoint_every_s: float = 120.0  # wall seconds between checkpoints
     freeze_text: bool = False  # train only the vision tower, projections and temperature (text tower fixed)
+    contrast: float = 0.0  # share of each batch made of contrast groups (see `contrast_groups`)
+    contrast_factors: tuple[str, ...] = ("shape", "size")
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch < 2 or self.pool < self.batch:
             raise ValueError("need steps > 0, batch >= 2 and pool >= batch")
         if not 0 < self.p_mention <= 1:
             raise ValueError(f"p_mention must be in (0, 1], got {self.p_mention}")
+        if not 0 <= self.contrast < 1:
+            raise ValueError(f"contrast must be in [0, 1), got {self.contrast}")
+
+
+def contrast_groups(scenes: list[Scene], rng: np.random.Generator, n: int, factors: tuple[str, ...],
+                    p_mention: float) -> tuple[list[Scene], np.ndarray]:
+    """`n` scenes in groups that differ in one factor only, and whose captions name it.
+
+    Each group takes one base scene and redraws it once per value of a factor (shape: the same
+    box; size: a new side in the value's range), so inside a group only that factor tells the
+    images apart. Without such groups colour, which the pixels' mean gives away, explains most of
+    a random batch and the towers learn shape and size late or not at all (measured: shape words
+    left nearly collinear in the text tower, zero-shot shape 0.39).
+
+    Returns: (scenes, mentions (len, F) bool).
+    """
+    names = list(FACTORS)
+    out: list[Scene] = []
+    rows: list[np.ndarray] = []
+    g = 0
+    while len(out) < n:
+        base = scenes[int(rng.integers(len(scenes)))]
+        f = factors[g % len(factors)]
+        g += 1
+        for value in FACTORS[f]:
+            change = {f: value}
+            if f == "size":
+                lo, hi = SIZE_RANGES[value]
+                change["side"] = lo + (hi - lo) * float(rng.random())
+            out.append(dataclasses.replace(base, **change))
+            row = rng.random(len(names)) < p_mention
+            row[names.index(f)] = True
+            rows.append(row)
+    return out[:n], np.array(rows[:n])  # the last group may be cut short
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -129,15 +166,23 @@ def train_clip(config: ClipTrainConfig, arch: ToyArchitecture, workdir: Path, lo
     while step < config.steps:
         model.train()
         rng = step_rng(config.seed, step)
-        idx = rng.choice(config.pool, size=config.batch, replace=False)
-        mentions = draw_mentions(rng, config.batch, config.p_mention)
-        ids = tokenize(tok, captions_for([pool.scenes[i] for i in idx], mentions))
+        n_contrast = int(config.batch * config.contrast)
+        idx = rng.choice(config.pool, size=config.batch - n_contrast, replace=False)
+        mentions = draw_mentions(rng, len(idx), config.p_mention)
+        scenes = [pool.scenes[i] for i in idx]
         x = pool.images[idx]
+        factors = pool.factors[idx]
+        if n_contrast:
+            extra, extra_mentions = contrast_groups(pool.scenes, rng, n_contrast, config.contrast_factors, config.p_mention)
+            scenes, mentions = scenes + extra, np.concatenate([mentions, extra_mentions])
+            x = torch.cat([x, to_model_range(render(extra))])
+            factors = np.concatenate([factors, factor_indices(extra)])
+        ids = tokenize(tok, captions_for(scenes, mentions))
         g = step_generator(config.seed, step)
         noisy = torch.rand(config.batch, 1, 1, 1, generator=g) < 0.5
         x = x + noisy * config.noise * torch.randn(x.shape, generator=g)
         out = model(input_ids=ids, pixel_values=x)
-        loss = clip_loss(out.logits_per_text, contrastive_targets(pool.factors[idx], mentions))
+        loss = clip_loss(out.logits_per_text, contrastive_targets(factors, mentions))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -55,12 +55,12 @@ class UnetTrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-def load_frozen(workdir: Path):
+def load_frozen(workdir: Path, clip_name: str = "clip"):
     """The exported tokenizer, text encoder (`CLIPTextModel`) and VAE of the earlier stages."""
     from diffusers import AutoencoderKL
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-    clip_dir, vae_dir = workdir / "export" / "clip", workdir / "export" / "vae"
+    clip_dir, vae_dir = workdir / "export" / clip_name, workdir / "export" / "vae"
     if not clip_dir.exists() or not vae_dir.exists():
         raise FileNotFoundError(f"run the clip and vae stages first (missing {clip_dir} or {vae_dir})")
     clip = CLIPModel.from_pretrained(clip_dir)
@@ -139,21 +139,26 @@ def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path) -> None:
     replace_folder(tmp, output)
 
 
-def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, output: Path, log: Callable[[str], None] = print):
+def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, output: Path, log: Callable[[str], None] = print,
+               *, clip_name: str = "clip", stage_dir: str = "unet", init_from: str | None = None):
     """Train (or resume) the toy UNet, exporting the EMA pipeline to `output` at each checkpoint.
 
     Args:
         config: stage settings.
         arch: network sizes.
-        workdir: the training folder (`toy-train`): reads `export/clip`, `export/vae`; writes `unet/`.
+        workdir: the training folder (`toy-train`): reads `export/<clip_name>`, `export/vae`; writes `<stage_dir>/`.
         output: the pipeline folder to export to.
+        clip_name: the CLIP export whose text tower conditions the UNet.
+        stage_dir: the checkpoint folder under `workdir`.
+        init_from: a checkpoint folder under `workdir` (e.g. "unet") whose newest weights and EMA
+            start this run when `stage_dir` has no checkpoint yet (a warm start; fresh optimiser).
     """
     torch.manual_seed(config.seed)
-    ckdir = workdir / "unet"
+    ckdir = workdir / stage_dir
     ckdir.mkdir(parents=True, exist_ok=True)
-    # 1. frozen parts, fixed latents, schedule
-    tok, text, vae = load_frozen(workdir)
-    latents = latent_pool(config, vae, ckdir / "latents.safetensors", log)
+    # 1. frozen parts, fixed latents (shared by every UNet run on this VAE), schedule
+    tok, text, vae = load_frozen(workdir, clip_name)
+    latents = latent_pool(config, vae, workdir / "unet" / "latents.safetensors", log)
     scenes = pool_scenes(config)
     sched = build_scheduler()
     abar = sched.alphas_cumprod.float()
@@ -169,6 +174,13 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
         restore_optimizer(opt, ck.tensors, ck.state["param_groups"])
         step = ck.state["step"]
         log(f"unet: resumed at step {step}")
+    elif init_from is not None:
+        warm = load_latest(workdir / init_from)
+        if warm is None:
+            raise FileNotFoundError(f"no checkpoint to warm-start from in {workdir / init_from}")
+        unet.load_state_dict(unprefixed("model", warm.tensors))
+        ema.load_state_dict(unprefixed("ema", warm.tensors))
+        log(f"unet: warm start from {init_from} step {warm.state['step']} (fresh optimiser)")
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, pool {len(scenes)}")
     ema_params, params = list(ema.parameters()), list(unet.parameters())
     # 3. train
@@ -210,7 +222,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
             save_checkpoint(ckdir, step, {**prefixed("model", unet.state_dict()), **prefixed("ema", ema.state_dict()), **tensors},
                             {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed,
                              "recent_loss": float(np.mean(losses[-100:]))})
-            export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / "clip", output)
+            export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output)
             (ckdir / "exported.json").write_text(json.dumps({"step": step, "output": str(output), "time": time.time()}))
             log(f"unet: checkpoint and export at step {step}")
             last_save = time.time()
