@@ -20,11 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
 
 PROMPT = "a shape"
-CORE = ("colour", "shape", "size", "position")
 
 
 def log(msg: str) -> None:
@@ -78,6 +76,14 @@ def cmd_time(a) -> dict:
 
 def cmd_ratio(a) -> dict:
     """Seconds per slider-step: one batched step over K sliders vs K steps of one slider, same pairs per slider."""
+    model = load(a.model, a.toy_train)
+    return {"what": "ratio", "model": a.model, **ratio(model, count=a.count, pairs=a.pairs, repeat=a.repeat,
+                                                        encoder=a.encoder or "pixel")}
+
+
+def ratio(model, *, count: int, pairs: int, repeat: int, encoder: str = "pixel", size: int | None = None,
+          samples: int = 8, steps: int | None = None) -> dict:
+    """The batched/sequential slider-step timing on a loaded model; images of `size` px (default native)."""
     from conceptkit import harvest
     from conceptkit.features import load_encoder
     from conceptkit.slider_lora import SliderLoraConfig, install_sliders
@@ -88,107 +94,71 @@ def cmd_ratio(a) -> dict:
         train_step,
     )
 
-    model = load(a.model, a.toy_train)
-    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=(PROMPT,), samples=8)).path)
+    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=(PROMPT,), samples=samples, steps=steps,
+                                                              height=size, width=size)).path)
     g = model.default_guidance
     cond = encode_conditioning(model, [PROMPT], g, (h.final.shape[-2] * model.pipe.vae_scale_factor,) * 2)
-    enc = load_encoder(a.encoder or "pixel", model.spec)
+    enc = load_encoder(encoder, model.spec, device=model.device)
     model.pipe.vae.requires_grad_(False)
-    bank = install_sliders(model.pipe.unet, SliderLoraConfig(a.count))
-    pairs = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, 0)
-    settings = TrainSettings(pairs=a.pairs)
-    dirs = torch.nn.functional.normalize(torch.randn(a.count, enc.dim), dim=-1)
+    bank = install_sliders(model.pipe.unet, SliderLoraConfig(count))
+    pair_source = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, 0)
+    settings = TrainSettings(pairs=pairs)
+    dirs = torch.nn.functional.normalize(torch.randn(count, enc.dim), dim=-1)
+    cuda = model.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def batched(step):
-        train_step(model, bank, enc, pairs, cond, g, dirs, settings, step)
+        train_step(model, bank, enc, pair_source, cond, g, dirs, settings, step)
 
     def sequential(step):
-        for k in range(a.count):
-            train_step(model, bank, enc, pairs, cond, g, dirs, settings, step, sliders=torch.tensor([k]))
+        for k in range(count):
+            train_step(model, bank, enc, pair_source, cond, g, dirs, settings, step, sliders=torch.tensor([k]))
 
-    out = {}
-    for name, fn in (("batched", batched), ("sequential", sequential)):
-        fn(0)  # warm-up
-        best = float("inf")
-        for r in range(a.repeat):
+    out, peak = {"batched": float("inf"), "sequential": float("inf")}, {}
+    batched(0)  # warm-up
+    sequential(0)
+    for r in range(repeat):  # alternate, so a load change on a shared machine hits both sides
+        for name, fn in (("batched", batched), ("sequential", sequential)):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
             t0 = time.perf_counter()
             fn(r + 1)
-            best = min(best, time.perf_counter() - t0)
-        out[name] = best
+            sync()
+            out[name] = min(out[name], time.perf_counter() - t0)
+            if cuda:
+                peak[name] = max(peak.get(name, 0.0), round(torch.cuda.max_memory_allocated() / 2**30, 2))
     bank.remove()
-    return {"what": "ratio", "model": a.model, "count": a.count, "pairs_per_slider": a.pairs,
+    return {"count": count, "pairs_per_slider": pairs, "encoder": encoder, "size": size or "native",
             "batched_s_per_step": round(out["batched"], 3), "sequential_s_per_step": round(out["sequential"], 3),
-            "ratio": round(out["sequential"] / out["batched"], 2)}
-
-
-class _BankMod:
-    """A bank with dense weights from the set's start step on (generate.Modification)."""
-
-    def __init__(self, bank, start_step):
-        self.bank, self.start, self.w = bank, start_step, None
-
-    def set_step(self, i, n):
-        self.bank.set_dense_routing(self.w if i >= self.start else None)
-
-    def remove(self):
-        self.bank.remove()
-
-    def describe(self):
-        return {}
+            "ratio": round(out["sequential"] / out["batched"], 2), **({"peak_gib": peak} if peak else {})}
 
 
 def cmd_factors(a) -> dict:
     """Generate seeds at -s and +s per slider (and per random rank-1 direction); read factors with the toy analyser."""
-    from conceptkit.generate import sample
-    from conceptkit.slider_labels import factor_recovery
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
+    from conceptkit.evaluate_sliders import signed_images
+    from conceptkit.evaluation import to_uint8
     from conceptkit.slider_sets import load_set
-    from conceptkit.slider_train import window_steps
-    from conceptkit.toy import FACTORS, analyse_batch
+    from conceptkit.toy import factors
 
     sset = load_set(a.set)
     model = load(sset.manifest["model"]["spec"] if a.model == "toy" else a.model, a.toy_train)
     top = list(sset.sliders[: a.top])
-    groups = {"colour": ("colour",), "shape": ("shape",), "size": ("size",), "position": ("horizontal", "vertical"),
-              "background": ("background",)}
-    word_factor = {v: ("position" if f in ("horizontal", "vertical") else f) for f, vs in FACTORS.items() for v in vs}
-    steps, g = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
     seeds = list(range(1000, 1000 + a.seeds))
-    st = sset.manifest["settings"]
     results = {}
     for kind in ("sliders", "random"):
-        bank = install_sliders(model.pipe.unet, SliderLoraConfig(len(top), rank=st["rank"], alpha=st["alpha"], target_modules=st["targets"]))
-        for k, s in enumerate(top):
-            bank.load_slider(k, sset.path / s.file)
-        if kind == "random":
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for p in bank.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=(1, 2), keepdim=True) / p[0].numel() ** 0.5)
-        mod = _BankMod(bank, window_steps(steps, float(sset.manifest["start"])))
-        readings = {}
-        for sign in (-1, 1):
-            per = []
-            for k in range(len(top)):
-                w = torch.zeros(len(top))
-                w[k] = sign * a.strength
-                mod.w = w
-                log(f"  {kind}: slider {k} at {sign * a.strength:+g}")
-                imgs = sample(model, sset.prompt, seeds, steps, g, [mod])
-                arr = (imgs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-                per.append([r.factors if r.valid else None for r in analyse_batch(arr)])
-            readings[sign] = per
-        mod.remove()
-        rec = factor_recovery(readings[-1], readings[1], groups)
-        covered = sorted({m for m in rec.main if m in CORE})
-        results[kind] = {"coverage": covered, "n_covered": len(covered), "mean_purity": round(float(rec.purity.mean()), 3),
-                         "valid": round(float(rec.valid.mean()), 3),
-                         "per_slider": [{"index": s.index, "label": s.label, "main": rec.main[k], "purity": round(float(rec.purity[k]), 3),
-                                         "change": dict(zip(rec.factors, np.round(rec.change[k], 3).tolist()))}
-                                        for k, s in enumerate(top)]}
+        log(f"  {kind}: {len(top)} sliders x {len(seeds)} seeds at -{a.strength:g} and +{a.strength:g}")
+        minus, plus = signed_images(model, sset, [s.index for s in top], seeds, a.strength, random_directions=kind == "random")
+        tab = factors.table([to_uint8(m) for m in minus], [to_uint8(p) for p in plus], [s.index for s in top], [s.label for s in top])
+        results[kind] = {"coverage": tab["coverage"], "n_covered": tab["n_covered"], "mean_purity": round(tab["mean_purity"], 3),
+                         "valid": round(tab["valid"], 3),
+                         "per_slider": [{"index": r["index"], "label": r["label"], "main": r["main"], "purity": round(r["purity"], 3),
+                                         "change": {f: round(c, 3) for f, c in r["change"].items()}} for r in tab["per_slider"]]}
         if kind == "sliders":
-            ok = [word_factor.get(s.label.rsplit("-", 1)[0] if s.label not in word_factor else s.label) == rec.main[k] for k, s in enumerate(top)]
-            results[kind]["labels_right"] = int(sum(ok))
+            results[kind]["labels_right"] = tab["labels_right"]
     return {"what": "factors", "set": sset.name, "seeds": a.seeds, "strength": a.strength, **results}
 
 

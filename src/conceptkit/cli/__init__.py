@@ -3,6 +3,6 @@
 from conceptkit.cli.common import app
 
 # Importing a command module registers its command on `app`. Add new commands here.
-from conceptkit.cli import cache, cluster, generate, harvest, models, sliders  # noqa: E402,F401  isort: skip
+from conceptkit.cli import cache, cluster, evaluate, generate, harvest, models, sliders  # noqa: E402,F401  isort: skip
 
 __all__ = ["app"]

@@ -1,0 +1,182 @@
+"""`conceptkit evaluate sliders|images|cluster`: the papers' measurements, as tables, JSON and a report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from conceptkit import ui
+from conceptkit.cli.common import DeviceOpt, JsonOpt, ModelOpt, app, command, load
+
+evaluate_app = typer.Typer(no_args_is_help=True, help="Measure slider sets, clusterings and image folders: diversity, CLIP score, "
+                                                      "Fréchet distance, cluster scores; tables, --json and --report DIR.")
+app.add_typer(evaluate_app, name="evaluate")
+
+EncoderOpt = Annotated[Optional[str], typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>.",
+                                                   show_default=False)]
+ReportOpt = Annotated[Optional[Path], typer.Option(help="Write PNG plots and a self-contained report.html to this folder.",
+                                                   show_default=False)]
+SeedOpt = Annotated[int, typer.Option(help="First seed; also seeds the random choices.")]
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _finish(doc: dict, report: Path | None, json_out: bool, render) -> None:
+    """Write the report (from the saved arrays), then print JSON on stdout or tables on stderr."""
+    if report is not None:
+        from conceptkit import evaluation
+        from conceptkit import report as rep
+
+        doc["report"] = rep.write(doc, evaluation.load_arrays(doc), report)
+    if json_out:
+        ui.print_json(doc)
+        return
+    render(doc)
+    ui.info(f"key {doc['key']}  {doc['path']}" + ("  (cached)" if doc["cached"] else f"  {doc['seconds']:.0f}s")
+            + (f"\nreport {doc['report']['html']}" if report is not None else ""))
+
+
+def _set_table(title: str, rows) -> None:
+    ui.table(title, ["set", "images", "diversity", "vendi", "clip score"],
+             [(name, d["n"], _fmt(d["diversity"]), _fmt(d["vendi"]), _fmt(d["clip_score"])) for name, d in rows])
+
+
+@evaluate_app.command("sliders")
+@command
+def sliders(
+    name: Annotated[str, typer.Argument(help="Slider set name (see `conceptkit sliders list`).", show_default=False)],
+    model: ModelOpt = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Images per side: N base images and N with random sliders.")] = 64,
+    per_image: Annotated[int, typer.Option(help="Sliders in each image's random combination.")] = 3,
+    scale: Annotated[float, typer.Option(help="Random strengths are uniform in [-scale, scale].")] = 2.0,
+    effect_count: Annotated[int, typer.Option(help="Seeds per slider drawn at -/+ --effect-strength (effect sizes, factor table).")] = 16,
+    effect_strength: Annotated[float, typer.Option(help="Strength of the per-slider effect images.")] = 2.0,
+    encoder: EncoderOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampling call.")] = 32,
+    report: ReportOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """SliderSpace's concept decomposition: base vs random sparse sliders (diversity, CLIP score, FD), per-slider effects."""
+    from conceptkit.evaluate_sliders import SliderEvalConfig, run
+    from conceptkit.slider_sets import load_set
+
+    cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
+                           effect_strength=effect_strength, seed=seed, encoder=encoder, batch_size=batch_size)
+    sset = load_set(name)
+    loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None)
+    with ui.progress("evaluate sliders", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
+        def progress(stage, done, total):
+            bar(done, total, stage=stage)
+
+        doc = run(loaded, sset, cfg, progress=progress, on_wait=ui.info)
+    _finish(doc, report, json_out, _render_sliders)
+
+
+def _render_sliders(doc: dict) -> None:
+    _set_table(f"sliders {doc['set']}: {doc['count']} images per side, encoder {doc['encoder']}",
+               [("base", doc["base"]), (f"{doc['per_image']} random sliders", doc["sliders"])])
+    change = doc["clip_score_change"]
+    ui.table("comparison", ["frechet distance", "diversity ratio", "vendi ratio", "clip score change"],
+             [(_fmt(doc["frechet_distance"]), _fmt(doc["diversity_ratio"]), _fmt(doc["vendi_ratio"]),
+               "-" if change is None else f"{100 * change:+.2f}%")])
+    if not doc["clip_available"]:
+        ui.info(f"clip score unavailable: {doc['clip_note']}")
+    ui.table(f"per slider (effect at +/-{doc['effect_strength']:g} on {doc['effect_count']} seeds; mean |off-diagonal cosine| "
+             f"{_fmt(doc['mean_abs_off_diagonal_cosine'])})", ["index", "label", "effect +", "effect -", "max |cos| with another"],
+             [(r["index"], r["label"], _fmt(r["effect_size"]), _fmt(r["effect_size_minus"]),
+               _fmt(max((abs(c) for j, c in enumerate(doc["effect_cosines"][i]) if j != i), default=None)))
+              for i, r in enumerate(doc["per_slider"])])
+    f = doc.get("factors")
+    if f:
+        ui.table(f"factor recovery (toy analyser): {f['n_covered']}/{len(f['of'])} factors covered, mean purity "
+                 f"{f['mean_purity']:.3f}, labels right {f['labels_right']}/{len(f['per_slider'])}",
+                 ["index", "label", "main", "purity", "valid", *f["factors"]],
+                 [(r["index"], r["label"], r["main"] or "-", _fmt(r["purity"]), _fmt(r["valid"]), *(_fmt(r["change"][x]) for x in f["factors"]))
+                  for r in f["per_slider"]])
+    fe = doc.get("factor_entropy")
+    if fe:
+        names = list(fe["base"]["entropy"])
+        ui.table("factor entropy (toy analyser; 1 = uniform over the factor's values)", ["set", "valid", *names],
+                 [(label, _fmt(fe[key]["valid"]), *(_fmt(fe[key]["entropy"][x]) for x in names))
+                  for key, label in (("base", "base"), ("sliders", "random sliders"))])
+
+
+@evaluate_app.command("images")
+@command
+def images(
+    a: Annotated[Path, typer.Argument(help="A folder of PNG/JPG images.", show_default=False)],
+    b: Annotated[Optional[Path], typer.Argument(help="A second folder: the Fréchet distance A vs B.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Score the images' CLIP alignment with this prompt.", show_default=False)] = None,
+    encoder: Annotated[str, typer.Option(help="auto (the toy CLIP), pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>.")] = "auto",
+    report: ReportOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Fréchet distance, diversity and CLIP score of your own image folders."""
+    from conceptkit.evaluation import run_images
+    from conceptkit.models import resolve_device
+
+    with ui.progress("evaluate images", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
+        doc = run_images(a, b, prompt, encoder, device=resolve_device(device), progress=bar, on_wait=ui.info)
+    _finish(doc, report, json_out, _render_images)
+
+
+def _render_images(doc: dict) -> None:
+    rows = [(f"A {doc['a']['folder']}", doc["a"])] + ([(f"B {doc['b']['folder']}", doc["b"])] if doc.get("b") else [])
+    _set_table(f"images, encoder {doc['encoder']}" + (f", prompt {doc['prompt']!r}" if doc.get("prompt") else ""), rows)
+    if doc.get("b"):
+        ui.table("comparison", ["frechet distance (A vs B)"], [(_fmt(doc["frechet_distance"]),)])
+    if not doc["clip_available"]:
+        ui.info(f"clip score unavailable: {doc['clip_note']}")
+
+
+@evaluate_app.command("cluster")
+@command
+def cluster(
+    key: Annotated[str, typer.Argument(help="Cluster artifact key or prefix (from `conceptkit cluster ... --json | jq .key`).", show_default=False)],
+    model: ModelOpt = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Images per sub-concept (the same seeds for each).")] = 16,
+    mode: Annotated[str, typer.Option(help="only (every other kept neuron closed), close (this sub-concept's closed) or scale.")] = "only",
+    scale: Annotated[float, typer.Option(help="Output multiplier of the sub-concept's neurons in mode scale.")] = 0.0,
+    encoder: EncoderOpt = None,
+    seed: SeedOpt = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps. Default: the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampling call.")] = 32,
+    report: ReportOpt = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Picasso's VbSC: render each sub-concept, embed, score as a clustering; elbow, tau curve, heatmap from the artifact."""
+    from conceptkit.evaluate_cluster import ClusterEvalConfig, model_spec, run
+
+    cfg = ClusterEvalConfig(per_subconcept=count, mode=mode, scale=scale, seed=seed, encoder=encoder, steps=steps,
+                            guidance=guidance, batch_size=batch_size)
+    loaded = load(model or model_spec(key), device, "auto", None)
+    with ui.progress("evaluate cluster", unit="sub-concepts", enabled=not json_out or sys.stderr.isatty()) as bar:
+        doc = run(loaded, key, cfg, progress=lambda stage, done, total: bar(done, total, stage=stage), on_wait=ui.info)
+    _finish(doc, report, json_out, _render_cluster)
+
+
+def _render_cluster(doc: dict) -> None:
+    v = doc["vbsc"]
+    ui.table(f"VbSC of cluster {doc['cluster']} ({doc['prompt']!r}): {doc['k']} sub-concepts x {doc['per_subconcept']} images, "
+             f"mode {doc['mode']}, encoder {doc['encoder']}", ["calinski-harabasz", "davies-bouldin", "silhouette"],
+             [(_fmt(v["calinski_harabasz"]), _fmt(v["davies_bouldin"]), _fmt(v["silhouette"]))])
+    ui.table("per sub-concept", ["sub-concept", "kept neurons", "diversity", "vendi", "clip score", "shift from unmodified"],
+             [(r["cluster"], size, _fmt(r["diversity"]), _fmt(r["vendi"]), _fmt(r["clip_score"]), _fmt(r["shift_from_base"]))
+              for r, size in zip(doc["per_subconcept_scores"], doc["sizes"])])
+    for name, points in doc["sweeps"].items():
+        ui.table(f"from the cluster artifact: sweep over {name}", [name, "calinski-harabasz", "davies-bouldin", "silhouette", "fpc", "seconds"],
+                 [(_fmt(p["value"]), *(_fmt((p.get("metrics") or {}).get(m)) for m in ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc", "seconds")))
+                  for p in points])
+    missing = [w for w, have in doc["has"].items() if not have]
+    if missing:
+        ui.info(f"not in the cluster artifact: {', '.join(missing)} (run `conceptkit cluster` with --sweep-k / --sweep-tau)")

@@ -1,0 +1,221 @@
+"""`conceptkit evaluate sliders SET`: SliderSpace's concept-decomposition experiment on a slider set.
+
+Gandikota et al. (2025), Sec. 5.2: N images of the prompt from the base model and N with a random
+sparse combination of sliders each (3 per image, strengths uniform in [-scale, scale], seeded);
+both sets are scored for diversity (mean pairwise cosine distance, Vendi score) and CLIP score
+against the prompt, and compared by their Fréchet distance. Per slider, the first `effect_count`
+seeds are drawn at -s and +s: the effect size is `metrics.effect_size(base, +s)` and the cosine
+matrix of the sliders' mean effects says how orthogonal the set is. On the toy model the same
+images give the factor-recovery table (`toy.factors`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptkit import evaluation, metrics
+from conceptkit.errors import UsageError
+
+Progress = Callable[..., None]  # progress(stage, done, total)
+
+
+@dataclass(frozen=True)
+class SliderEvalConfig:
+    """Settings of one slider-set evaluation; all of them enter the cache key."""
+
+    count: int = 64  # N images per side (base and sliders), seeds seed .. seed+N-1
+    per_image: int = 3  # sliders in each image's random combination (the paper's sparse 3)
+    scale: float = 2.0  # random strengths are uniform in [-scale, scale]
+    effect_count: int = 16  # seeds per slider drawn at -effect_strength and +effect_strength
+    effect_strength: float = 2.0  # strength of the per-slider effect images
+    seed: int = 0  # first seed; also seeds the random combinations
+    encoder: str | None = None  # None: the encoder the set was trained with
+    batch_size: int = 32  # images per sampling call
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.count <= 4096:
+            raise UsageError(f"--count must be between 2 and 4096 (got {self.count})")
+        if self.per_image < 1:
+            raise UsageError(f"--per-image must be at least 1 (got {self.per_image})")
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise UsageError(f"--scale must be a positive number (got {self.scale})")
+        if not 2 <= self.effect_count <= self.count:
+            raise UsageError(f"--effect-count must be between 2 and --count ({self.count}) (got {self.effect_count})")
+        if not (np.isfinite(self.effect_strength) and self.effect_strength > 0):
+            raise UsageError(f"--effect-strength must be a positive number (got {self.effect_strength})")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.encoder is not None:
+            from conceptkit.features import check_spec
+
+            check_spec(self.encoder)
+
+
+def random_combinations(n: int, k: int, per_image: int, scale: float, seed: int) -> np.ndarray:
+    """(n, k) strengths: each row has `per_image` distinct non-zero entries uniform in [-scale, scale]."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((n, k))
+    for row in w:
+        for j in rng.choice(k, size=min(per_image, k), replace=False):
+            row[j] = rng.uniform(-scale, scale)
+    return w
+
+
+def draw(model, mod, prompt: str, seeds: Sequence[int], weights: np.ndarray | None, steps: int, guidance: float,
+         batch_size: int, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Images (n, 3, H, W) for `seeds`, row i with slider strengths weights[i] (None: the base model).
+
+    Columns of `weights` follow `mod.slots` (the (set, index) keys in slot order).
+    """
+    from conceptkit.generate import sample
+
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        chunk = list(seeds[i:i + batch_size])
+        if weights is None:
+            out.append(sample(model, prompt, chunk, steps, guidance))
+        else:
+            slots = list(mod.slots)  # (set, index) in slot order
+            mod.set_weights([{slot: float(w[j]) for j, slot in enumerate(slots) if w[j] != 0}
+                             for w in weights[i:i + len(chunk)]])
+            out.append(sample(model, prompt, chunk, steps, guidance, [mod]))
+        if progress:
+            progress(len(chunk))
+    return torch.cat(out)
+
+
+def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], strength: float, *, random_directions: bool = False,
+                  batch_size: int = 32, progress: Callable[[int], None] | None = None, mod=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each listed slider alone at -strength and +strength on `seeds`: two (S, n, 3, H, W) tensors.
+
+    `random_directions` replaces the sliders' factors by random rank-1 factors of the same norms
+    (the control of `bench/sliders.py factors`).
+    """
+    from conceptkit.generate import SliderModification
+
+    steps, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
+    own = mod is None
+    if own:
+        mod = SliderModification(model.pipe.unet, [(sset, sset.sliders[i]) for i in indices], cfg_batches=guidance > 1.0)
+    try:
+        if random_directions:
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in mod.banks[sset.name].parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=(1, 2), keepdim=True) / p[0].numel() ** 0.5)
+        keys = list(mod.slots)
+        slot_of = {idx: keys.index((sset.name, idx)) for idx in indices}
+        k = len(keys)
+        jobs_seeds, rows = [], []
+        for sign in (-1.0, 1.0):
+            for i in indices:
+                for s in seeds:
+                    w = np.zeros(k)
+                    w[slot_of[i]] = sign * strength
+                    jobs_seeds.append(s)
+                    rows.append(w)
+        images = draw(model, mod, sset.prompt, jobs_seeds, np.stack(rows), steps, guidance, batch_size, progress)
+    finally:
+        if own:
+            mod.remove()
+    images = images.view(2, len(indices), len(seeds), *images.shape[1:])
+    return images[0], images[1]
+
+
+def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str) -> dict[str, Any]:
+    return {"set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
+            "model": model.identity(), "settings": {**asdict(cfg), "encoder": encoder_spec, "batch_size": None}}
+
+
+def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on_wait=None) -> dict[str, Any]:
+    """The experiment (see the module doc); returns the JSON document, cached by key in the store."""
+    from conceptkit.features import load_encoder, resolve_spec
+    from conceptkit.generate import SliderModification
+
+    started = time.perf_counter()
+    if sset.manifest["model"].get("fingerprint") != model.fingerprint:
+        raise UsageError(f"slider set {sset.name!r} was trained for {sset.manifest['model'].get('spec')}, not these weights "
+                         f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
+    encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
+    key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec))
+    hit = evaluation.cached(key)
+    if hit is not None:
+        return evaluation.public(hit, True, time.perf_counter() - started)
+    encoder = load_encoder(encoder_spec, model.spec, model.device)
+    text, clip_note = evaluation.text_embedding(encoder, sset.prompt)
+    steps, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
+    seeds = list(range(cfg.seed, cfg.seed + cfg.count))
+    k = len(sset.sliders)
+    indices = [s.index for s in sset.sliders]
+    total = 2 * cfg.count + 2 * k * cfg.effect_count
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress("sampling", done[0], total)
+
+    # 1. base images, and images with a random sparse combination of sliders (same seeds)
+    weights = random_combinations(cfg.count, k, cfg.per_image, cfg.scale, cfg.seed)
+    base = draw(model, None, sset.prompt, seeds, None, steps, guidance, cfg.batch_size, tick)
+    mod = SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders], cfg_batches=guidance > 1.0)
+    try:
+        slid = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
+        # 2. each slider alone at -s and +s on the first effect_count seeds
+        minus, plus = signed_images(model, sset, indices, seeds[:cfg.effect_count], cfg.effect_strength,
+                                    batch_size=cfg.batch_size, progress=tick, mod=mod)
+    finally:
+        mod.remove()
+    # 3. embed; Fréchet distance between the two sets
+    emb = evaluation.embed(encoder, base, slid, progress=(lambda d, t: progress("embedding", d, t)) if progress else None)
+    eff = evaluation.embed(encoder, torch.cat([minus.flatten(0, 1), plus.flatten(0, 1)]))
+    d = emb.a.shape[1]
+    eff_minus = eff.a[: k * cfg.effect_count].reshape(k, cfg.effect_count, d)
+    eff_plus = eff.a[k * cfg.effect_count:].reshape(k, cfg.effect_count, d)
+    # 4. the numbers, from the embeddings only
+    base_emb = emb.a[: cfg.effect_count]
+    per_slider = [{"index": s.index, "label": s.label, "effect_size": metrics.effect_size(base_emb, eff_plus[j]),
+                   "effect_size_minus": metrics.effect_size(base_emb, eff_minus[j])} for j, s in enumerate(sset.sliders)]
+    cosines = metrics.effect_cosines(eff_plus - base_emb[None]) if k > 0 else np.zeros((0, 0))
+    doc: dict[str, Any] = {
+        "what": "sliders", "set": sset.name, "prompt": sset.prompt, "model": model.identity(), "encoder": encoder_spec,
+        "steps": steps, "guidance": guidance, "seeds": [seeds[0], seeds[-1]], **{f: getattr(cfg, f) for f in
+                                                                                 ("count", "per_image", "scale", "effect_count", "effect_strength", "seed")},
+        "strength_range": [-cfg.scale, cfg.scale],
+        "base": evaluation.set_scores(emb.a, text), "sliders": evaluation.set_scores(emb.b, text),
+        "frechet_distance": emb.frechet, "clip_available": text is not None, "clip_note": clip_note,
+        "per_slider": per_slider, "effect_cosines": cosines.tolist(),
+        "mean_abs_off_diagonal_cosine": float(np.abs(cosines[~np.eye(k, dtype=bool)]).mean()) if k > 1 else None,
+    }
+    b, s = doc["base"], doc["sliders"]
+    doc["diversity_ratio"] = s["diversity"] / b["diversity"] if b["diversity"] > 0 else None
+    doc["vendi_ratio"] = s["vendi"] / b["vendi"]
+    doc["clip_score_change"] = (s["clip_score"] / b["clip_score"] - 1.0) if text is not None and b["clip_score"] else None
+    toy = model.spec == "toy"
+    arrays = {"base_embeddings": emb.a, "slider_embeddings": emb.b, "slider_weights": weights,
+              "effect_minus_embeddings": eff_minus, "effect_plus_embeddings": eff_plus, "text_embedding": text,
+              # images: all of them on the toy (32x32; the factor table is read from them), else previews for the report
+              "base_images": _images(base, toy), "slider_images": _images(slid, toy),
+              "effect_minus_images": np.stack([_images(m, toy, 3) for m in minus]),
+              "effect_plus_images": np.stack([_images(p, toy, 3) for p in plus])}
+    # 5. on the toy: which factor each slider moves
+    doc["factors"] = doc["factor_entropy"] = None
+    if model.spec == "toy":
+        from conceptkit.toy import factors
+
+        doc["factors"] = factors.table(list(arrays["effect_minus_images"]), list(arrays["effect_plus_images"]),
+                                       indices, [s.label for s in sset.sliders])
+        doc["factor_entropy"] = {"base": factors.entropy(arrays["base_images"]), "sliders": factors.entropy(arrays["slider_images"])}
+    doc = evaluation.save(key, doc, {n: a for n, a in arrays.items() if a is not None}, on_wait=on_wait)
+    return evaluation.public(doc, False, time.perf_counter() - started)
+
+
+def _images(images: torch.Tensor, full: bool, n: int = 32) -> np.ndarray:
+    """uint8 (n, H, W, 3): every image when `full`, else a preview of the first n."""
+    return evaluation.to_uint8(images) if full else evaluation.preview(images, n)

@@ -1,0 +1,135 @@
+"""The sections of an evaluation report, one function per kind: (title, HTML sections, {name: PNG path})."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conceptkit.report import _img, _table, bars, curves, heatmap, image_grid
+
+
+def _set_rows(doc: dict[str, Any], names: list[tuple[str, str]]) -> list[list[Any]]:
+    return [[label, doc[k]["n"], doc[k]["diversity"], doc[k]["vendi"], doc[k]["clip_score"]] for k, label in names]
+
+
+SET_COLUMNS = ["set", "images", "diversity (mean cosine distance)", "Vendi score", "CLIP score"]
+
+
+def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+    files: dict[str, str] = {}
+    labels = [f"{s['index']}:{s['label']}" for s in doc["per_slider"]]
+    shown = min(32, doc["count"])
+    files["base_grid"] = image_grid(folder / "base.png", arrays["base_images"][:shown], f"base model, seeds {doc['seed']}..")
+    files["slider_grid"] = image_grid(folder / "sliders.png", arrays["slider_images"][:shown],
+                                      f"{doc['per_image']} random sliders per image, same seeds")
+    n = min(3, doc["effect_count"])
+    k = len(labels)
+    if k:
+        cells = np.stack([np.stack([arrays["effect_minus_images"][j, i], arrays["base_images"][i], arrays["effect_plus_images"][j, i]])
+                          for j in range(k) for i in range(n)]).reshape(k * n * 3, *arrays["base_images"].shape[1:])
+        s = doc["effect_strength"]
+        files["sweep_grid"] = image_grid(folder / "strength-sweep.png", cells, f"each slider at -{s:g}, 0, +{s:g} ({n} seeds)",
+                                         cols=3 * n, row_labels=labels, col_labels=[f"{v:+g}" for _ in range(n) for v in (-s, 0, s)])
+        files["effect_cosines"] = heatmap(folder / "effect-cosines.png", np.array(doc["effect_cosines"]),
+                                          "cosine between sliders' mean effects", labels)
+        files["effect_sizes"] = bars(folder / "effect-sizes.png", labels,
+                                     {f"+{s:g}": [r["effect_size"] for r in doc["per_slider"]],
+                                      f"-{s:g}": [r["effect_size_minus"] for r in doc["per_slider"]]},
+                                     "effect size: mean embedding shift from the base image", "mean ||shift||")
+    sections = [
+        _table("diversity and alignment", SET_COLUMNS, _set_rows(doc, [("base", "base model"), ("sliders", "random sliders")])),
+        _table("comparison", ["Fréchet distance (base vs sliders)", "diversity ratio", "Vendi ratio", "CLIP score change"],
+               [[doc["frechet_distance"], doc["diversity_ratio"], doc["vendi_ratio"],
+                 None if doc["clip_score_change"] is None else f"{100 * doc['clip_score_change']:+.2f}%"]]),
+    ]
+    if not doc["clip_available"]:
+        sections.append(f"<p class=\"note\">CLIP score unavailable: {doc['clip_note']}</p>")
+    sections += [_img(files["base_grid"], "base model"), _img(files["slider_grid"], "random sparse sliders")]
+    if k:
+        sections.append(_table("per slider", ["index", "label", f"effect size (+{doc['effect_strength']:g})",
+                                              f"effect size (-{doc['effect_strength']:g})"],
+                               [[r["index"], r["label"], r["effect_size"], r["effect_size_minus"]] for r in doc["per_slider"]]))
+        sections += [_img(files["sweep_grid"], "strength sweep"), _img(files["effect_cosines"], "effect cosines"),
+                     _img(files["effect_sizes"], "effect sizes")]
+    f = doc.get("factors")
+    if f:
+        sections.append(_table(f"factor recovery (toy analyser): {f['n_covered']} of {len(f['of'])} factors covered "
+                               f"({', '.join(f['coverage'])}), mean purity {f['mean_purity']:.3f}, labels naming the main factor "
+                               f"{f['labels_right']} of {len(f['per_slider'])}",
+                               ["index", "label", "main factor", "purity", "read validly", *f["factors"]],
+                               [[r["index"], r["label"], r["main"], r["purity"], r["valid"], *(r["change"][x] for x in f["factors"])]
+                                for r in f["per_slider"]]))
+    fe = doc.get("factor_entropy")
+    if fe:
+        names = list(fe["base"]["entropy"])
+        sections.append(_table("how evenly each set spreads over the toy's factors (normalised entropy of the analyser's readings; "
+                               "1 = uniform)", ["set", "read validly", *names],
+                               [[label, fe[key]["valid"], *(fe[key]["entropy"][x] for x in names)]
+                                for key, label in (("base", "base model"), ("sliders", "random sliders"))]))
+    return f"sliders {doc['set']} ({doc['prompt']!r}, {doc['model']['spec']})", sections, files
+
+
+def images(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+    files = {"a_grid": image_grid(folder / "a.png", arrays["a_images"][:32], f"A: {doc['a']['folder']}")}
+    names = [("a", "A")]
+    if doc.get("b"):
+        files["b_grid"] = image_grid(folder / "b.png", arrays["b_images"][:32], f"B: {doc['b']['folder']}")
+        names.append(("b", "B"))
+    sections = [_table("diversity and alignment" + (f" with {doc['prompt']!r}" if doc.get("prompt") else ""), SET_COLUMNS,
+                       _set_rows(doc, names))]
+    if doc.get("b"):
+        sections.append(_table("comparison", ["Fréchet distance (A vs B)"], [[doc["frechet_distance"]]]))
+    if not doc["clip_available"]:
+        sections.append(f"<p class=\"note\">CLIP score unavailable: {doc['clip_note']}</p>")
+    sections += [_img(p, f"first images of {'A' if n == 'a_grid' else 'B'}") for n, p in files.items()]
+    return "images" + (f" {doc['a']['folder']} vs {doc['b']['folder']}" if doc.get("b") else f" {doc['a']['folder']}"), sections, files
+
+
+def cluster(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+    files: dict[str, str] = {}
+    k, n = doc["k"], doc["per_subconcept"]
+    imgs = arrays["images"]
+    m = min(imgs.shape[1], 8)
+    cells = np.concatenate([arrays["base_images"][None, :m], imgs[:, :m]]).reshape(-1, *imgs.shape[-3:])
+    files["subconcept_grid"] = image_grid(folder / "subconcepts.png", cells, f"images per sub-concept (mode {doc['mode']}), same seeds",
+                                          cols=m, row_labels=["unmodified"] + [f"sub-concept {c}" for c in range(k)])
+    if "similarity_jaccard" in arrays:
+        t = arrays["similarity_jaccard"]
+        files["heatmap"] = heatmap(folder / "timestep-similarity.png", t, "Jaccard similarity of kept neurons per timestep",
+                                   [str(x) for x in doc.get("timesteps", [])] or None, vmin=-1, vmax=1, annotate=False)
+    sweeps = doc.get("sweeps") or {}
+    if sweeps.get("k"):
+        pts = sweeps["k"]
+        files["elbow"] = curves(folder / "elbow.png", [p["value"] for p in pts],
+                                {m: [p["metrics"][m] if p.get("metrics") else None for p in pts]
+                                 for m in ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc")}, "k", "elbow over k")
+    if sweeps.get("tau"):
+        pts = sweeps["tau"]
+        files["tau_curve"] = curves(folder / "tau-curve.png", [p["value"] for p in pts],
+                                    {"fpc": [p["metrics"]["fpc"] if p.get("metrics") else None for p in pts],
+                                     "clustering seconds": [p["metrics"]["seconds"] if p.get("metrics") else None for p in pts],
+                                     "kept": [p["n_neurons_kept"] for p in pts]}, "tau", "tau curve")
+    v = doc["vbsc"]
+    sections = [_table("VbSC: the sub-concepts' images as a clustering", ["sub-concepts", "images each", "Calinski-Harabasz",
+                                                                          "Davies-Bouldin", "silhouette"],
+                       [[k, n, v["calinski_harabasz"], v["davies_bouldin"], v["silhouette"]]]),
+                _table("per sub-concept", ["sub-concept", "kept neurons", "diversity", "Vendi score", "CLIP score", "shift from unmodified"],
+                       [[r["cluster"], size, r["diversity"], r["vendi"], r["clip_score"], r["shift_from_base"]]
+                        for r, size in zip(doc["per_subconcept_scores"], doc["sizes"])]
+                       + [["unmodified", None, doc["base"]["diversity"], doc["base"]["vendi"], doc["base"]["clip_score"], None]])]
+    if doc.get("neuron_clustering"):
+        nc = doc["neuron_clustering"]
+        sections.append(_table("the neurons' own clustering (from `conceptkit cluster`)", ["Calinski-Harabasz", "Davies-Bouldin",
+                                                                                           "silhouette", "FPC"],
+                               [[nc.get("calinski_harabasz"), nc.get("davies_bouldin"), nc.get("silhouette"), nc.get("fpc")]]))
+    captions = {"subconcept_grid": "rows: the unmodified images, then each sub-concept on the same seeds",
+                "heatmap": "timestep similarity (Jaccard of the kept neurons)", "elbow": "elbow over k (the neurons' clustering)",
+                "tau_curve": "tau curve: FPC, clustering time and neurons kept"}
+    sections += [_img(p, captions[name]) for name, p in files.items()]
+    missing = [w for w, have in (("heatmap", "heatmap" in files), ("elbow (run `conceptkit cluster --sweep-k`)", "elbow" in files),
+                                 ("tau curve (run `conceptkit cluster --sweep-tau`)", "tau_curve" in files)) if not have]
+    if missing:
+        sections.append(f"<p class=\"note\">not in the cluster artifact: {', '.join(missing)}</p>")
+    return f"cluster {doc['cluster']} ({doc['prompt']!r})", sections, files

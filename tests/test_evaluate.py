@@ -1,0 +1,315 @@
+"""`conceptkit evaluate`: every number in --json recomputed from the saved arrays independently; reports; bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptkit import store
+from conceptkit.cli import app
+
+runner = CliRunner()
+TOL = dict(abs=1e-6, rel=1e-6)
+
+
+def _one_line_error(result, code=2):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # stdout holds the document and nothing else
+
+
+def _arrays(doc) -> dict[str, np.ndarray]:
+    return {name: np.load(path, allow_pickle=False) for name, path in doc["arrays"].items()}
+
+
+# ---------------------------------------------------------------- independent computations
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def diversity(x) -> float:
+    """Mean over unordered pairs of 1 - cosine, from the Gram matrix (not scipy's pdist)."""
+    g = _unit(x) @ _unit(x).T
+    iu = np.triu_indices(len(g), 1)
+    return float(np.mean(1 - g[iu]))
+
+
+def vendi(x) -> float:
+    """exp(entropy) of the eigenvalues of the (n, n) cosine kernel / n (Friedman & Dieng 2023)."""
+    lam = np.linalg.eigvalsh(_unit(x) @ _unit(x).T / len(x))
+    lam = lam[lam > 1e-12]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def clip(x, t) -> float:
+    return float(100 * np.mean(np.maximum(_unit(x) @ _unit(t).ravel(), 0)))
+
+
+def frechet(x, y) -> float:
+    """The FID formula with scipy's matrix square root (torchmetrics uses eigenvalues)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def check_set(scores, emb, text):
+    assert scores["n"] == len(emb)
+    assert scores["diversity"] == pytest.approx(diversity(emb), **TOL)
+    assert scores["vendi"] == pytest.approx(vendi(emb), **TOL)
+    if text is None:
+        assert scores["clip_score"] is None
+    else:
+        assert scores["clip_score"] == pytest.approx(clip(emb, text), **TOL)
+
+
+def check_report(doc, folder: Path, min_images: int):
+    html = (folder / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and doc["key"] in html
+    srcs = re.findall(r'src="([^"]+)"', html)
+    assert len(srcs) >= min_images
+    for src in srcs:  # self-contained: every image is an embedded PNG, nothing is fetched
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'(href|src)="(http|file|/)', html)
+    assert f"{doc['frechet_distance']:.4g}" in html if doc.get("frechet_distance") is not None else True
+    for path in doc["report"].values():
+        assert Path(path).is_file()
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _folder(path: Path, images: np.ndarray) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(path / f"{i:03d}.png")
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    from conceptkit.toy import render, sample_scenes
+
+    a = _folder(tmp_path / "a", render(sample_scenes(10, 0)))
+    b = _folder(tmp_path / "b", render(sample_scenes(12, 1)))
+    Image.fromarray(render(sample_scenes(1, 3))[0]).save(b / "extra.jpg", quality=95)  # JPG is read too
+    same = _folder(tmp_path / "same", np.repeat(render(sample_scenes(1, 2)), 6, axis=0))
+    return a, b, same
+
+
+def test_images_numbers_are_recomputed_from_the_saved_arrays(folders, tmp_path):
+    a, b, _ = folders
+    doc = _json(runner.invoke(app, ["evaluate", "images", str(a), str(b), "--prompt", "a shape", "--json",
+                                    "--report", str(tmp_path / "rep")]))
+    arr = _arrays(doc)
+    assert doc["encoder"] == "toy" and doc["clip_available"] and not doc["cached"]
+    check_set(doc["a"], arr["a_embeddings"], arr["text_embedding"])
+    check_set(doc["b"], arr["b_embeddings"], arr["text_embedding"])
+    assert doc["b"]["n"] == 13 and "extra.jpg" in doc["b"]["files"]
+    assert doc["frechet_distance"] > 0.01
+    assert doc["frechet_distance"] == pytest.approx(frechet(arr["a_embeddings"], arr["b_embeddings"]), **TOL)
+    # the saved embeddings are the encoder's embeddings of the PNGs
+    import torch
+
+    from conceptkit.features import load_encoder
+
+    enc = load_encoder("toy")
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in sorted(a.glob("*.png"))])).permute(0, 3, 1, 2).float() / 255
+    assert np.allclose(enc.embed(x).numpy(), arr["a_embeddings"], atol=1e-5)
+    assert np.allclose(enc.embed_text(["a shape"]).numpy(), arr["text_embedding"], atol=1e-6)
+    check_report(doc, tmp_path / "rep", 2)
+    # cached by the folders' contents and the settings
+    again = _json(runner.invoke(app, ["evaluate", "images", str(a), str(b), "--prompt", "a shape", "--json"]))
+    assert again["cached"] and again["key"] == doc["key"] and again["a"] == doc["a"]
+    other = _json(runner.invoke(app, ["evaluate", "images", str(a), str(b), "--encoder", "pixel", "--json"]))
+    assert other["key"] != doc["key"] and other["a"]["clip_score"] is None and not other["clip_available"]
+
+
+def test_images_behave_as_a_user_expects(folders):
+    a, b, same = folders
+    one = _json(runner.invoke(app, ["evaluate", "images", str(a), str(a), "--json"]))
+    assert one["frechet_distance"] == pytest.approx(0.0, abs=1e-6)  # a folder against itself
+    dup = _json(runner.invoke(app, ["evaluate", "images", str(same), "--json"]))
+    assert dup["a"]["diversity"] == pytest.approx(0.0, abs=1e-6) and dup["a"]["vendi"] == pytest.approx(1.0, abs=1e-4)
+    assert one["a"]["diversity"] > 0.2 and one["a"]["vendi"] > 3
+    assert dup["b"] is None and dup["frechet_distance"] is None
+    r = runner.invoke(app, ["evaluate", "images", str(a)])  # tables on stderr, nothing on stdout
+    assert r.exit_code == 0 and r.stdout == "" and "diversity" in r.stderr
+
+
+def test_images_bad_input_is_one_line_exit_2(folders, tmp_path):
+    a, _, _ = folders
+    (tmp_path / "empty").mkdir()
+    _folder(tmp_path / "one", np.zeros((1, 8, 8, 3), np.uint8))
+    bad = tmp_path / "bad"
+    shutil.copytree(a, bad)
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    cases = [
+        (["evaluate", "images", str(tmp_path / "nowhere")], "not a folder"),
+        (["evaluate", "images", str(tmp_path / "empty")], "no PNG or JPG"),
+        (["evaluate", "images", str(tmp_path / "one")], "one image"),
+        (["evaluate", "images", str(bad)], "broken.png"),
+        (["evaluate", "images", str(a), "--encoder", "what"], "--encoder"),
+        (["evaluate", "images", str(a), "--encoder", "clip:/no/such/clip"], "/no/such/clip"),
+        (["evaluate", "images", str(a), str(tmp_path / "empty")], "no PNG or JPG"),
+        (["evaluate", "sliders", "no-such-set"], "no slider set"),
+        (["evaluate", "sliders", "../etc"], "invalid"),
+        (["evaluate", "cluster", "ffffffff"], "no cluster"),
+    ]
+    for args, fragment in cases:
+        assert fragment in _one_line_error(runner.invoke(app, args)), args
+
+
+# ---------------------------------------------------------------- a slider set
+
+
+@pytest.fixture(scope="module")
+def toy_set(tmp_path_factory):
+    """A 2-slider set on the toy model, 4-step sampling, 3 training steps: trained once through the CLI."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPTKIT_HOME", str(home))
+        r = runner.invoke(app, ["sliders", "a shape", "--count", "2", "--samples", "4", "--steps", "4", "--train-steps", "3", "--json"])
+        assert r.exit_code == 0, r.output
+    return Path(json.loads(r.stdout)["path"])
+
+
+def _install(path: Path) -> None:
+    shutil.copytree(path, store.kind_dir("sliders") / path.name)
+
+
+def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path):
+    _install(toy_set)
+    doc = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json",
+                                    "--report", str(tmp_path / "rep")]))
+    arr = _arrays(doc)
+    k, n, e = 2, 8, 4
+    assert doc["set"] == "a-shape" and doc["model"]["spec"] == "toy" and doc["encoder"] == "toy" and doc["steps"] == 4
+    assert arr["base_embeddings"].shape[0] == n and arr["slider_embeddings"].shape[0] == n
+    assert arr["effect_plus_embeddings"].shape[:2] == (k, e) and arr["effect_plus_images"].shape == (k, e, 32, 32, 3)
+    # the random sparse combinations: min(3, K) distinct sliders per image, strengths in the stated range
+    w = arr["slider_weights"]
+    assert w.shape == (n, k) and ((w != 0).sum(1) == min(3, k)).all() and np.abs(w).max() <= doc["scale"]
+    assert doc["strength_range"] == [-2.0, 2.0]
+    t = arr["text_embedding"]
+    check_set(doc["base"], arr["base_embeddings"], t)
+    check_set(doc["sliders"], arr["slider_embeddings"], t)
+    assert doc["frechet_distance"] == pytest.approx(frechet(arr["base_embeddings"], arr["slider_embeddings"]), **TOL)
+    b, s = doc["base"], doc["sliders"]
+    assert doc["diversity_ratio"] == pytest.approx(s["diversity"] / b["diversity"], **TOL)
+    assert doc["vendi_ratio"] == pytest.approx(s["vendi"] / b["vendi"], **TOL)
+    assert doc["clip_score_change"] == pytest.approx(s["clip_score"] / b["clip_score"] - 1, **TOL)
+    # per slider: effect sizes and the cosine matrix of mean effects
+    base = np.asarray(arr["base_embeddings"][:e], np.float64)
+    plus, minus = arr["effect_plus_embeddings"].astype(np.float64), arr["effect_minus_embeddings"].astype(np.float64)
+    for j, row in enumerate(doc["per_slider"]):
+        assert row["effect_size"] == pytest.approx(np.sqrt(((plus[j] - base) ** 2).sum(1)).mean(), **TOL)
+        assert row["effect_size_minus"] == pytest.approx(np.sqrt(((minus[j] - base) ** 2).sum(1)).mean(), **TOL)
+        assert row["effect_size"] > 0
+    mean_eff = _unit((plus - base[None]).mean(1))
+    assert np.allclose(doc["effect_cosines"], mean_eff @ mean_eff.T, atol=1e-6)
+    # the factor table, re-read from the saved images with the toy analyser and counted here
+    from conceptkit.toy import analyse
+
+    f = doc["factors"]
+    groups = {"colour": ("colour",), "shape": ("shape",), "size": ("size",), "position": ("horizontal", "vertical"),
+              "background": ("background",)}
+    assert f["factors"] == list(groups)
+    for j, row in enumerate(f["per_slider"]):
+        lo = [analyse(im) for im in arr["effect_minus_images"][j]]
+        hi = [analyse(im) for im in arr["effect_plus_images"][j]]
+        pairs = [(x.factors, y.factors) for x, y in zip(lo, hi) if x.valid and y.valid]
+        assert row["valid"] == pytest.approx(len(pairs) / e)
+        change = [np.mean([any(x[q] != y[q] for q in keys) for x, y in pairs]) if pairs else 0.0 for keys in groups.values()]
+        assert [row["change"][g] for g in groups] == pytest.approx(change)
+        if max(change) >= 0.05:
+            assert row["main"] == list(groups)[int(np.argmax(change))]
+            assert row["purity"] == pytest.approx(max(change) / sum(change))
+        else:
+            assert row["main"] is None
+    # factor entropy of each set, from the analyser's readings of the saved images
+    from conceptkit.toy import FACTORS
+
+    for side, images in (("base", arr["base_images"]), ("sliders", arr["slider_images"])):
+        ok = [r.factors for r in map(analyse, images) if r.valid]
+        assert doc["factor_entropy"][side]["valid"] == pytest.approx(len(ok) / n)
+        for name, values in FACTORS.items():
+            p = np.array([sum(r[name] == v for r in ok) for v in values], float) / len(ok)
+            p = p[p > 0]
+            assert doc["factor_entropy"][side]["entropy"][name] == pytest.approx(-(p * np.log(p)).sum() / np.log(len(values)), abs=1e-9)
+    check_report(doc, tmp_path / "rep", 5)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "factor recovery" in html and doc["per_slider"][0]["label"] in html
+    # cached: the same settings recompute nothing; other settings do
+    again = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json"]))
+    assert again["cached"] and again["key"] == doc["key"] and again["base"] == doc["base"]
+    r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "1"])
+    assert "--count" in _one_line_error(r)
+
+
+# ---------------------------------------------------------------- a clustering (Picasso's VbSC)
+
+
+@pytest.fixture(scope="module")
+def toy_cluster(tmp_path_factory):
+    """A k=2 clustering of 'a red circle' on the toy (2 samples, 4 steps) with k and tau sweeps, made once through the CLI."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPTKIT_HOME", str(home))
+        r = runner.invoke(app, ["cluster", "a red circle", "--samples", "2", "--steps", "4", "--k", "2", "--sweep-k", "2:3",
+                                "--sweep-tau", "0.8:0.9:2", "--json"])
+        assert r.exit_code == 0, r.output
+    return home, json.loads(r.stdout)
+
+
+def test_cluster_vbsc_is_recomputed_with_scikit_learn(toy_cluster, tmp_path, monkeypatch):
+    from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
+
+    home, cl = toy_cluster
+    monkeypatch.setenv("CONCEPTKIT_HOME", str(home))  # the cluster and its neurons artifact live there
+    doc = _json(runner.invoke(app, ["evaluate", "cluster", cl["key"][:8], "--count", "4", "--json", "--report", str(tmp_path / "rep")]))
+    arr = _arrays(doc)
+    k, n = 2, 4
+    assert doc["cluster"] == cl["key"] and doc["k"] == k and doc["per_subconcept"] == n and doc["mode"] == "only"
+    x, y = arr["embeddings"].astype(np.float64), arr["labels"]
+    assert x.shape[0] == k * n and y.tolist() == [0] * n + [1] * n and arr["images"].shape == (k, n, 32, 32, 3)
+    v = doc["vbsc"]
+    assert v["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(x, y), **TOL)
+    assert v["davies_bouldin"] == pytest.approx(davies_bouldin_score(x, y), **TOL)
+    assert v["silhouette"] == pytest.approx(silhouette_score(x, y), **TOL)
+    t = arr["text_embedding"]
+    base = arr["base_embeddings"].astype(np.float64)
+    for c, row in enumerate(doc["per_subconcept_scores"]):
+        check_set(row, x[y == c], t)
+        assert row["shift_from_base"] == pytest.approx(np.sqrt(((x[y == c] - base) ** 2).sum(1)).mean(), **TOL)
+    check_set(doc["base"], base, t)
+    # the sub-concepts draw something other than the unmodified model
+    assert max(r["shift_from_base"] for r in doc["per_subconcept_scores"]) > 1e-3
+    # heatmap, elbow and tau curve come from the cluster artifact
+    assert doc["has"] == {"heatmap": True, "elbow": True, "tau_curve": True}
+    assert doc["sweeps"] == cl["sweeps"] and doc["neuron_clustering"] == cl["metrics"]
+    assert np.array_equal(arr["similarity_jaccard"], np.load(cl["arrays"]["similarity_jaccard"]))
+    check_report(doc, tmp_path / "rep", 4)
+    assert {"heatmap", "elbow", "tau_curve", "subconcept_grid", "html"} <= set(doc["report"])
+    for args, fragment in ((["--mode", "sideways"], "--mode"), (["--count", "1"], "--count")):
+        assert fragment in _one_line_error(runner.invoke(app, ["evaluate", "cluster", cl["key"], *args]))
