@@ -108,12 +108,16 @@ def main() -> None:
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-bench-")
     emit = (lambda rec: print(json.dumps(rec))) if a.no_record else (lambda rec: record(rec, kind))
     todo = ("harvest", "sliders", "cluster", "memory") if a.what == "all" else (a.what,)
+    device = str(kind) + (f" ({torch.cuda.get_device_name()})" if kind == "cuda" else "")
+    if "memory" in todo:  # first: each setting loads its own copy in a fresh process, before this one holds one
+        from bench import memory
+
+        emit({**memory.measure(a.arch, size, k, pairs, steps, a.device, a.dtype), "device": device})
     model = None
     if "harvest" in todo or "sliders" in todo:
         t0 = time.perf_counter()
         model = load_model(SPEC[a.arch], device=a.device, dtype=a.dtype)
         log(f"loaded {model.spec} on {model.device} ({model.dtype}) in {time.perf_counter() - t0:.1f} s")
-    device = str(kind) + (f" ({torch.cuda.get_device_name()})" if kind == "cuda" else "")
     if "harvest" in todo:
         from bench import harvest as hb
 
@@ -132,14 +136,6 @@ def main() -> None:
 
         sizes = [500, 2000, 8000] + ([32000] if a.arch != "toy" else [])
         emit({**fcm.measure(a.arch, sizes), "device": "cpu (numpy)"})
-    if "memory" in todo:
-        from bench import memory
-
-        del model  # each setting loads its own copy in a fresh process
-        import gc
-
-        gc.collect()
-        emit({**memory.measure(a.arch, size, k, pairs, steps, a.device, a.dtype), "device": device})
 
 
 if __name__ == "__main__":

@@ -51,23 +51,28 @@ def run_clip(args, arch: ToyArchitecture) -> None:
     (args.workdir / "export" / "clip_report.json").write_text(json.dumps(acc, indent=1))
 
 
+def _finetune_clip(args, arch: ToyArchitecture, stage: str, config: ClipTrainConfig, export: str, report: str) -> None:
+    """Fine-tune the exported CLIP as stage `stage`, report its zero-shot accuracy, export it to `export/<export>`."""
+    from conceptkit.toy.data import make_pool
+    from conceptkit.toy.model import load_clip
+
+    model, tok = train_clip(config, arch, args.workdir / stage, log=_log, init=load_clip(args.workdir / "export" / "clip"))
+    test = make_pool(2000, seed=args.seed + 777)
+    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
+    _log(f"{stage} zero-shot accuracy: {json.dumps(acc)}")
+    export_clip(model, tok, args.workdir / "export" / export)
+    (args.workdir / "export" / report).write_text(json.dumps(acc, indent=1))
+    (args.workdir / "export" / f"{stage}.done").write_text("done\n")
+
+
 def run_clip_vision(args, arch: ToyArchitecture) -> None:
     """Stage clip-vision: more training of the CLIP's vision side with the text tower frozen.
 
     The UNet reads only the text tower's hidden states, so this stage can run before, during or
     after the UNet stage without changing what the UNet was trained on.
     """
-    from conceptkit.toy.data import make_pool
-    from conceptkit.toy.model import load_clip
-
     config = ClipTrainConfig(steps=args.clip_vision_steps, seed=args.seed + 50, lr=5e-4, warmup=50, freeze_text=True)
-    model, tok = train_clip(config, arch, args.workdir / "clip-vision", log=_log, init=load_clip(args.workdir / "export" / "clip"))
-    test = make_pool(2000, seed=args.seed + 777)
-    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
-    _log(f"clip-vision zero-shot accuracy: {json.dumps(acc)}")
-    export_clip(model, tok, args.workdir / "export" / "clip")
-    (args.workdir / "export" / "clip_report.json").write_text(json.dumps(acc, indent=1))
-    (args.workdir / "export" / "clip-vision.done").write_text("done\n")
+    _finetune_clip(args, arch, "clip-vision", config, "clip", "clip_report.json")
 
 
 def run_clip_contrast(args, arch: ToyArchitecture) -> None:
@@ -75,21 +80,11 @@ def run_clip_contrast(args, arch: ToyArchitecture) -> None:
     shape, or only in size, with captions naming it), so that both towers tell shapes and sizes apart.
 
     The text tower changes, so a UNet trained on the old one must be retrained (or warm-started)
-    on this one: the export goes to `export/clip-contrast`, which the UNet stage uses only when
-    given `--clip export/clip-contrast`.
+    on this one: the export goes to `export/clip-contrast`, which the UNet stage reads with
+    `--unet-clip clip-contrast` (the default).
     """
-    from conceptkit.toy.data import make_pool
-    from conceptkit.toy.model import load_clip
-
     config = ClipTrainConfig(steps=args.clip_contrast_steps, seed=args.seed + 70, lr=5e-4, warmup=50, contrast=0.5)
-    model, tok = train_clip(config, arch, args.workdir / "clip-contrast", log=_log,
-                            init=load_clip(args.workdir / "export" / "clip"))
-    test = make_pool(2000, seed=args.seed + 777)
-    acc = zero_shot_accuracy(model, tok, test.images, test.factors)
-    _log(f"clip-contrast zero-shot accuracy: {json.dumps(acc)}")
-    export_clip(model, tok, args.workdir / "export" / "clip-contrast")
-    (args.workdir / "export" / "clip-contrast_report.json").write_text(json.dumps(acc, indent=1))
-    (args.workdir / "export" / "clip-contrast.done").write_text("done\n")
+    _finetune_clip(args, arch, "clip-contrast", config, "clip-contrast", "clip-contrast_report.json")
 
 
 def run_vae(args, arch: ToyArchitecture) -> None:
