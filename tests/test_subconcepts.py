@@ -219,6 +219,33 @@ def test_generate_subconcept_records_its_settings_and_changes_the_image(in_clust
     assert np.abs(a - b).max() > 0  # closing a sub-concept changes the image
 
 
+def test_subconcept_grid_is_one_png_with_a_row_per_subconcept(in_cluster_home, tmp_path, tiny_sd):
+    key = in_cluster_home["key"]
+    r = invoke("generate", "a red circle", "--model", "tiny-sd", "--steps", "4", "-n", "3", "--json",
+               "--out", str(tmp_path), "--subconcept-grid", f"{key[:6]}:close")
+    assert r.exit_code == 0, r.output
+    (f,) = json.loads(r.stdout)["files"]
+    grid = f["subconcept_grid"]
+    assert grid["key"] == key and grid["mode"] == "close" and len(grid["rows"]) == grid["k"] + 1
+    png = Image.open(f["path"])
+    assert json.loads(png.text["conceptkit"])["subconcept_grid"] == grid
+    assert png.size == (3 * 34 + 2, (grid["k"] + 1) * 34 + 2)  # 32-pixel tiny-sd images, 2-pixel padding
+    from conceptkit.generate import sample
+
+    # row 0 is the unmodified model, row 1 sub-concept 0 in mode close, a column per seed
+    cells = np.asarray(png, dtype=float)
+    base = sample(tiny_sd, "a red circle", [0, 1, 2], 4, tiny_sd.default_guidance)
+    sub0 = subconcepts.render(tiny_sd, key, 0, [0, 1, 2], mode="close", steps=4, prompt="a red circle")
+    for row, images in ((0, base), (1, sub0)):
+        for col in range(3):
+            want = (images[col].permute(1, 2, 0).numpy() * 255).round()
+            got = cells[2 + row * 34: 2 + row * 34 + 32, 2 + col * 34: 2 + col * 34 + 32]
+            assert np.abs(got - want).max() <= 1, (row, col)
+    bad = invoke("generate", "a red circle", "--model", "tiny-sd", "--subconcept-grid", f"{key[:6]}:close",
+                 "--slider", "0=1")
+    assert bad.exit_code == 2 and "alone" in bad.output
+
+
 def test_render_draws_each_mode_from_the_harvest_prompt(in_cluster_home, tiny_sd):
     sub = subconcepts.load(in_cluster_home["key"])
     assert sub.prompts == ("a red circle",) and sum(sub.sizes()) == in_cluster_home["n_neurons_kept"]

@@ -71,6 +71,7 @@ class GenerateConfig:
     force: bool = False  # apply sliders trained for another base model (with a warning)
     batch_size: int = 8
     subconcepts: tuple[str, ...] = ()  # `KEY:C[:MODE[:SCALE]]`: Picasso sub-concepts applied (gates multiply)
+    subconcept_grid: str | None = None  # `KEY[:MODE]`: one grid, the unmodified row then a row per sub-concept
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -98,6 +99,14 @@ class GenerateConfig:
 
             for text in self.subconcepts:
                 parse_spec(text)
+        if self.subconcept_grid is not None:
+            from conceptkit.subconcepts import parse_spec
+
+            if self.sliders or self.sweep or self.random_sliders or self.subconcepts:
+                raise UsageError("--subconcept-grid draws the sub-concepts alone: drop --slider, --sweep, "
+                                 "--random-sliders and --subconcept")
+            key, _, mode = self.subconcept_grid.partition(":")
+            parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
 
 
 # ---------------------------------------------------------------- modifications
@@ -247,6 +256,8 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     steps = cfg.steps or model.default_steps
     guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
     identity = model.identity()
+    if cfg.subconcept_grid is not None:
+        return _subconcept_grid(model, cfg, steps, guidance, identity, progress)
     # 1. resolve every slider named
     fixed = [(ref, *resolve(ref, cfg.prompt, identity)) for ref in map(parse_ref, cfg.sliders)]
     sweep = parse_sweep(cfg.sweep) if cfg.sweep else None
@@ -329,6 +340,31 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
         for m in mods:
             m.remove()
     return GenerateResult(files, out)
+
+
+def _subconcept_grid(model, cfg: GenerateConfig, steps: int, guidance: float, identity, progress) -> GenerateResult:
+    """One PNG: the unmodified images in the first row, then one row per sub-concept; a column per seed."""
+    from conceptkit import subconcepts
+
+    key, _, mode = cfg.subconcept_grid.partition(":")
+    spec = subconcepts.parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
+    sub = subconcepts.resolve(spec, model)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.count))
+    rows = [sample(model, cfg.prompt, seeds, steps, guidance)]
+    if progress:
+        progress(1, sub.k + 1)
+    for c in range(sub.k):
+        rows.append(subconcepts.render(model, sub, c, seeds, mode=spec.mode, steps=steps, guidance=guidance,
+                                       batch_size=cfg.batch_size, prompt=cfg.prompt))
+        if progress:
+            progress(c + 2, sub.k + 1)
+    settings = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance, "conceptkit": _version(),
+                "seeds": seeds, "subconcept_grid": {"key": sub.key, "mode": spec.mode, "k": sub.k,
+                                                    "rows": ["unmodified"] + [f"sub-concept {c}" for c in range(sub.k)],
+                                                    "columns": "seeds"}}
+    path = Path(cfg.out) / f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png"
+    _png(_grid(torch.cat(rows), sub.k + 1, len(seeds)), path, settings)
+    return GenerateResult([{"path": str(path), "seeds": seeds, "subconcept_grid": settings["subconcept_grid"]}], Path(cfg.out))
 
 
 def _batched(model, mod, cfg, seeds, steps, guidance, scales, subs=()) -> torch.Tensor:

@@ -37,6 +37,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("conceptkit-images"),
     subconcept: Annotated[Optional[list[str]], typer.Option("--subconcept", help="KEY:C[:MODE[:SCALE]], repeatable: sub-concept C of cluster KEY (from `conceptkit cluster`). MODE: only (close every other sub-concept's neurons; the default), close (close C's neurons) or scale (multiply them by SCALE), each in the timestep groups where they are concept neurons.", show_default=False)] = None,
+    subconcept_grid: Annotated[Optional[str], typer.Option("--subconcept-grid", help="KEY[:MODE]: one grid PNG, the unmodified images in the first row, then one row per sub-concept of cluster KEY; a column per seed (--count).", show_default=False)] = None,
     embedding: Annotated[Optional[Path], typer.Option(help="A learned textual-inversion embedding (.safetensors) for --token.", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option(help="The new word the prompt uses for --embedding, e.g. '<my-dog>'.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Apply sliders trained for another base model (same architecture), with a warning.")] = False,
@@ -53,7 +54,7 @@ def generate(
     cfg = GenerateConfig(prompt=prompt, count=count, seed=seed, steps=steps, guidance=guidance, out=out,
                          sliders=tuple(slider or ()), random_sliders=random_sliders, random_scale=random_scale,
                          slider_set=slider_set, sweep=sweep, force=force, batch_size=batch_size,
-                         subconcepts=tuple(subconcept or ()))
+                         subconcepts=tuple(subconcept or ()), subconcept_grid=subconcept_grid)
     textual_inversion.check_token(token, embedding)
     if embedding is not None:
         textual_inversion.check_in_prompts(token, [prompt])
