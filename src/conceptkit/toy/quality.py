@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     config = QualityConfig(prompts=a.prompts, diversity_images=a.diversity_images, steps=a.steps, guidance=a.guidance,
                            seed=a.seed, clip_images=a.clip_images, speed=not a.no_speed)
     report = asdict(measure(config, a.weights, log=lambda m: print(m, file=sys.stderr, flush=True)))
-    step_file = a.weights.parent.parent.parent.parent / "toy-train" / "unet" / "exported.json"
-    if step_file.exists():
-        report["exported_step"] = json.loads(step_file.read_text()).get("step")
+    provenance = Path(a.weights) / "training.json"  # written by the UNet stage with every export
+    if provenance.exists():
+        report["training"] = json.loads(provenance.read_text())
     text = json.dumps(report, indent=1)
     print(text)
     if a.json:

@@ -118,8 +118,9 @@ def current_vae(workdir: Path, vae, log: Callable[[str], None]):
     return disk
 
 
-def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path) -> None:
-    """Save a loadable `StableDiffusionPipeline` (plus the full CLIP in `clip/`) to `output`, atomically."""
+def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path, provenance: dict | None = None) -> None:
+    """Save a loadable `StableDiffusionPipeline` (plus the full CLIP in `clip/` and, given, what
+    training produced it in `training.json`) to `output`, atomically."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=build_scheduler(),
@@ -136,6 +137,8 @@ def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path) -> None:
             if attempt == 4:
                 raise
             time.sleep(2.0)
+    if provenance is not None:
+        (tmp / "training.json").write_text(json.dumps(provenance, indent=1) + "\n")
     replace_folder(tmp, output)
 
 
@@ -167,12 +170,14 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, losses = 0, []
+    warm_from = None
     ck = load_latest(ckdir)
     if ck is not None:
         unet.load_state_dict(unprefixed("model", ck.tensors))
         ema.load_state_dict(unprefixed("ema", ck.tensors))
         restore_optimizer(opt, ck.tensors, ck.state["param_groups"])
         step = ck.state["step"]
+        warm_from = ck.state.get("warm_start")
         log(f"unet: resumed at step {step}")
     elif init_from is not None:
         warm = load_latest(workdir / init_from)
@@ -181,6 +186,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
         unet.load_state_dict(unprefixed("model", warm.tensors))
         ema.load_state_dict(unprefixed("ema", warm.tensors))
         log(f"unet: warm start from {init_from} step {warm.state['step']} (fresh optimiser)")
+        warm_from = {"from": init_from, "step": warm.state["step"]}
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, pool {len(scenes)}")
     ema_params, params = list(ema.parameters()), list(unet.parameters())
     # 3. train
@@ -220,9 +226,10 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
             tensors, groups = flatten_optimizer(opt)
             elapsed = (ck.state.get("elapsed_s", 0.0) if ck is not None else 0.0) + time.time() - t0
             save_checkpoint(ckdir, step, {**prefixed("model", unet.state_dict()), **prefixed("ema", ema.state_dict()), **tensors},
-                            {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed,
+                            {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed, "warm_start": warm_from,
                              "recent_loss": float(np.mean(losses[-100:]))})
-            export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output)
+            export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output,
+                            provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from})
             (ckdir / "exported.json").write_text(json.dumps({"step": step, "output": str(output), "time": time.time()}))
             log(f"unet: checkpoint and export at step {step}")
             last_save = time.time()
