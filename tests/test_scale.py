@@ -14,18 +14,23 @@ import torch
 from conceptkit import harvest
 
 
-@pytest.mark.slow
-def test_two_process_accelerate_harvest_equals_single_process(tmp_path):
+def _two_and_one(args: list[str], tmp_path, timeout: int) -> tuple[dict, dict]:
+    """The `--json` documents of a two-process `accelerate launch` and of a single-process run of `args`."""
     accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
-    args = ["harvest", "a cat", "--model", "tiny-sd", "--samples", "10", "--steps", "3", "--batch-size", "2", "--json"]
     env = {**os.environ, "CONCEPTKIT_HOME": str(tmp_path / "two")}
     two = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "conceptkit", *args],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=timeout)
     assert two.returncode == 0, two.stderr
     env["CONCEPTKIT_HOME"] = str(tmp_path / "one")
-    one = subprocess.run([sys.executable, "-m", "conceptkit", *args], capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "conceptkit", *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert one.returncode == 0, one.stderr
-    a, b = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document per launch
+    return json.loads(two.stdout), json.loads(one.stdout)  # one JSON document per launch
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_harvest_equals_single_process(tmp_path):
+    args = ["harvest", "a cat", "--model", "tiny-sd", "--samples", "10", "--steps", "3", "--batch-size", "2", "--json"]
+    a, b = _two_and_one(args, tmp_path, 600)
     assert a["key"] == b["key"] and a["available"] == b["available"] == 10 and a["computed"] == 10
     ha, hb = harvest.load(a["path"]), harvest.load(b["path"])
     for name in ("x0", "xt", "final", "seeds", "timesteps"):
@@ -44,17 +49,9 @@ def test_work_is_split_by_chunk_ownership():
 def test_two_process_accelerate_sliders_equal_single_process(tmp_path):
     from safetensors.torch import load_file
 
-    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     args = ["sliders", "a cat", "--model", "tiny-sd", "--count", "3", "--samples", "4", "--encoder", "pixel",
             "--train-steps", "4", "--json"]
-    env = {**os.environ, "CONCEPTKIT_HOME": str(tmp_path / "two")}
-    two = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "conceptkit", *args],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert two.returncode == 0, two.stderr
-    env["CONCEPTKIT_HOME"] = str(tmp_path / "one")
-    one = subprocess.run([sys.executable, "-m", "conceptkit", *args], capture_output=True, text=True, env=env, timeout=900)
-    assert one.returncode == 0, one.stderr
-    a, b = json.loads(two.stdout), json.loads(one.stdout)  # one JSON document per launch
+    a, b = _two_and_one(args, tmp_path, 900)
     assert [s["label"] for s in a["sliders"]] == [s["label"] for s in b["sliders"]]
     for sa, sb in zip(a["sliders"], b["sliders"]):
         ta, tb = load_file(sa["file"]), load_file(sb["file"])
