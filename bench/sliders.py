@@ -159,7 +159,47 @@ def cmd_factors(a) -> dict:
                                          "change": {f: round(c, 3) for f, c in r["change"].items()}} for r in tab["per_slider"]]}
         if kind == "sliders":
             results[kind]["labels_right"] = tab["labels_right"]
+    log(f"  prompt edits: {len(EDITS)} pairs x {len(seeds)} seeds from step {int(sset.manifest.get('start', 0.1) * 100)}%")
+    results["prompt_edits"] = prompt_edits(model, sset, seeds)
     return {"what": "factors", "set": sset.name, "seeds": a.seeds, "strength": a.strength, **results}
+
+
+# The reference row: what naming a factor in the prompt does to the same seeds. Each pair swaps
+# "a shape" for two prompts that name two values of one factor, from the sliders' first step on,
+# and is read exactly like a slider at -s and +s: a perfect slider would look like this.
+EDITS = (("colour", "red", "blue"), ("shape", "circle", "square"), ("size", "small", "large"), ("horizontal", "left", "right"))
+
+
+def prompt_edits(model, sset, seeds: list[int]) -> dict:
+    """The factor table of the prompt-edit pairs in `EDITS` (same seeds, steps, guidance and window as the set)."""
+    from conceptkit.evaluation import to_uint8
+    from conceptkit.slider_train import window_steps
+    from conceptkit.toy import factors
+    from conceptkit.toy.world import prompt
+
+    pipe = model.pipe
+    steps, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
+    first = window_steps(steps, float(sset.manifest.get("start", 0.1)))
+    base, neg = pipe.encode_prompt([sset.prompt] * len(seeds), model.device, 1, True, None)
+
+    def draw(text: str) -> torch.Tensor:
+        edited = pipe.encode_prompt([text] * len(seeds), model.device, 1, False, None)[0]
+
+        def swap(_pipe, i, _t, kw):  # steps before `first` see the set's prompt, the rest the edited one
+            return {"prompt_embeds": torch.cat([neg, edited if i + 1 >= first else base])}
+
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(prompt_embeds=base if first > 0 else edited, negative_prompt_embeds=neg, generator=gens,
+                    num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                    callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+
+    minus = [to_uint8(draw(prompt(**{f: lo}))) for f, lo, _ in EDITS]
+    plus = [to_uint8(draw(prompt(**{f: hi}))) for f, _, hi in EDITS]
+    tab = factors.table(minus, plus, list(range(len(EDITS))), [hi for _, _, hi in EDITS])
+    return {"coverage": tab["coverage"], "n_covered": tab["n_covered"], "mean_purity": round(tab["mean_purity"], 3),
+            "valid": round(tab["valid"], 3), "labels_right": tab["labels_right"],
+            "per_slider": [{"index": r["index"], "label": f"{lo}/{hi}", "main": r["main"], "purity": round(r["purity"], 3),
+                            "change": {f: round(c, 3) for f, c in r["change"].items()}} for r, (_, lo, hi) in zip(tab["per_slider"], EDITS)]}
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def run_unet(args, arch: ToyArchitecture) -> None:
     """Stage unet: train on precomputed latents, exporting the pipeline at each checkpoint."""
     from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
 
-    config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every)
+    config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every, coupled=args.unet_coupled)
     train_unet(config, arch, args.workdir, args.output, log=_log, clip_name=args.unet_clip, stage_dir=args.unet_dir,
                init_from=args.unet_init)
 
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=60_000)
     p.add_argument("--unet-clip", default="clip-contrast", help="the CLIP export (under WORKDIR/export) whose text tower conditions the UNet")
     p.add_argument("--unet-dir", default="unet-contrast", help="the UNet's checkpoint folder under WORKDIR")
+    p.add_argument("--unet-coupled", action="store_true",
+                   help="couple the noise to the factors a caption leaves open (conceptkit.toy.coupling)")
     p.add_argument("--unet-init", default=None, help="warm-start from this checkpoint folder under WORKDIR when --unet-dir has none")
     p.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between UNet checkpoints")
     p.add_argument("--seed", type=int, default=0)

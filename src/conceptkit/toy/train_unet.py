@@ -26,7 +26,8 @@ from conceptkit.toy.data import captions_for, draw_mentions, make_pool, step_gen
 from conceptkit.toy.model import ToyArchitecture, build_scheduler, build_unet
 from conceptkit.toy.train_clip import tokenize
 from conceptkit.toy.train_vae import encode_latents
-from conceptkit.toy.world import sample_scenes
+from conceptkit.toy.coupling import couple
+from conceptkit.toy.world import FACTORS, sample_scenes
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class UnetTrainConfig:
     pool: int = 80_000  # fixed training images, encoded to latents once
     seed: int = 0
     checkpoint_every_s: float = 240.0  # wall seconds between checkpoints (and pipeline exports)
+    coupled: bool = False  # the noise decides the factors a caption leaves open (`toy.coupling`)
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch <= 0 or self.pool < self.batch:
@@ -197,14 +199,19 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
         rng = step_rng(config.seed, step)
         idx = rng.choice(len(scenes), size=config.batch, replace=False)
-        caps = captions_for([scenes[i] for i in idx], draw_mentions(rng, config.batch, config.p_mention))
+        mentions = draw_mentions(rng, config.batch, config.p_mention)
+        caps = captions_for([scenes[i] for i in idx], mentions)
         drop = rng.random(config.batch) < config.p_uncond
         caps = ["" if d else c for c, d in zip(caps, drop)]
+        mentions[drop] = False
         with torch.no_grad():
             context = text(tokenize(tok, caps))[0]
         g = step_generator(config.seed, step)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
+        if config.coupled:
+            names = list(FACTORS)
+            noise = couple(noise, [scenes[i] for i in idx], [{names[j] for j in np.flatnonzero(row)} for row in mentions], g)
         t = torch.randint(0, len(abar), (config.batch,), generator=g)
         a = abar[t].sqrt()[:, None, None, None]
         s = (1 - abar[t]).sqrt()[:, None, None, None]
@@ -229,7 +236,8 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
                             {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed, "warm_start": warm_from,
                              "recent_loss": float(np.mean(losses[-100:]))})
             export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output,
-                            provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from})
+                            provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from,
+                                        "coupled_noise": config.coupled})
             (ckdir / "exported.json").write_text(json.dumps({"step": step, "output": str(output), "time": time.time()}))
             log(f"unet: checkpoint and export at step {step}")
             last_save = time.time()
