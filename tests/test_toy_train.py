@@ -55,3 +55,11 @@ def test_unet_warm_start_takes_the_other_runs_weights(tmp_path):
         assert torch.allclose(p, ema[name], atol=1e-4), name
     assert load_latest(tmp_path / "unet-contrast").state["step"] == 1
     assert first is not None
+    # a coupled line builds its factor subspaces from the pool once and ships them with the export
+    train_unet(UnetTrainConfig(steps=1, coupled=True, **cfg), arch, tmp_path, tmp_path / "w3", log=lambda m: None,
+               stage_dir="unet-coupled", init_from="unet")
+    from conceptkit.toy import coupling
+
+    shipped = coupling.load(tmp_path / "w3" / coupling.FILE)
+    assert shipped.read(torch.zeros(1, 4, 8, 8)) and (tmp_path / "unet-coupled" / coupling.FILE).exists()
+    assert '"coupled_noise": true' in (tmp_path / "w3" / "training.json").read_text()

@@ -26,7 +26,7 @@ from conceptkit.toy.data import captions_for, draw_mentions, make_pool, step_gen
 from conceptkit.toy.model import ToyArchitecture, build_scheduler, build_unet
 from conceptkit.toy.train_clip import tokenize
 from conceptkit.toy.train_vae import encode_latents
-from conceptkit.toy.coupling import couple
+from conceptkit.toy import coupling
 from conceptkit.toy.world import FACTORS, sample_scenes
 
 
@@ -120,9 +120,10 @@ def current_vae(workdir: Path, vae, log: Callable[[str], None]):
     return disk
 
 
-def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path, provenance: dict | None = None) -> None:
-    """Save a loadable `StableDiffusionPipeline` (plus the full CLIP in `clip/` and, given, what
-    training produced it in `training.json`) to `output`, atomically."""
+def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path, provenance: dict | None = None,
+                    extra: list[Path] | None = None) -> None:
+    """Save a loadable `StableDiffusionPipeline` (plus the full CLIP in `clip/`, given, what training
+    produced it in `training.json`, and the `extra` files) to `output`, atomically."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=build_scheduler(),
@@ -139,6 +140,8 @@ def export_pipeline(unet, tok, text, vae, clip_dir: Path, output: Path, provenan
             if attempt == 4:
                 raise
             time.sleep(2.0)
+    for path in extra or []:
+        shutil.copy2(path, tmp / path.name)
     if provenance is not None:
         (tmp / "training.json").write_text(json.dumps(provenance, indent=1) + "\n")
     replace_folder(tmp, output)
@@ -167,6 +170,11 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
     scenes = pool_scenes(config)
     sched = build_scheduler()
     abar = sched.alphas_cumprod.float()
+    cpl = None
+    if config.coupled:  # the factor subspaces, fixed for the whole line (built once from the pool's latents)
+        if not (ckdir / coupling.FILE).exists():
+            coupling.from_latents(latents[:20_000], scenes[:20_000]).save(ckdir / coupling.FILE)
+        cpl = coupling.load(ckdir / coupling.FILE)
     # 2. model, EMA, optimiser; resume
     unet = build_unet(arch)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -211,7 +219,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
         noise = torch.randn(x0.shape, generator=g)
         if config.coupled:
             names = list(FACTORS)
-            noise = couple(noise, [scenes[i] for i in idx], [{names[j] for j in np.flatnonzero(row)} for row in mentions], g)
+            noise = cpl.couple(noise, [scenes[i] for i in idx], [{names[j] for j in np.flatnonzero(row)} for row in mentions], g)
         t = torch.randint(0, len(abar), (config.batch,), generator=g)
         a = abar[t].sqrt()[:, None, None, None]
         s = (1 - abar[t]).sqrt()[:, None, None, None]
@@ -236,7 +244,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
                             {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed, "warm_start": warm_from,
                              "recent_loss": float(np.mean(losses[-100:]))})
             export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output,
-                            provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from,
+                            extra=[ckdir / coupling.FILE] if cpl is not None else [], provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from,
                                         "coupled_noise": config.coupled})
             (ckdir / "exported.json").write_text(json.dumps({"step": step, "output": str(output), "time": time.time()}))
             log(f"unet: checkpoint and export at step {step}")
