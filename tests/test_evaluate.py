@@ -72,6 +72,13 @@ def frechet(x, y) -> float:
     return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def boot_ci(a, b, stat, *, n_boot=1000, seed=0):
+    """The paired percentile bootstrap as a plain loop: the same seeds' rows on both sides, ratio b / a, 2.5% and 97.5%."""
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    ratios = [stat(b[i]) / stat(a[i]) for i in idx if stat(a[i]) != 0]
+    return np.percentile(ratios, [2.5, 97.5])
+
+
 def check_set(scores, emb, text):
     assert scores["n"] == len(emb)
     assert scores["diversity"] == pytest.approx(diversity(emb), **TOL)
@@ -219,6 +226,7 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
     assert doc["diversity_ratio"] == pytest.approx(s["diversity"] / b["diversity"], **TOL)
     assert doc["vendi_ratio"] == pytest.approx(s["vendi"] / b["vendi"], **TOL)
     assert doc["clip_score_change"] == pytest.approx(s["clip_score"] / b["clip_score"] - 1, **TOL)
+    check_intervals(doc, arr)
     # per slider: effect sizes and the cosine matrix of mean effects
     base = np.asarray(arr["base_embeddings"][:e], np.float64)
     plus, minus = arr["effect_plus_embeddings"].astype(np.float64), arr["effect_minus_embeddings"].astype(np.float64)
@@ -260,11 +268,78 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
     check_report(doc, tmp_path / "rep", 5)
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "factor recovery" in html and doc["per_slider"][0]["label"] in html
+    assert f"{doc['vendi_ratio']:.4g} [{doc['vendi_ratio_ci'][0]:.4g}, {doc['vendi_ratio_ci'][1]:.4g}]" in html
+    assert "paired bootstrap" in html
     # cached: the same settings recompute nothing; other settings do
     again = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json"]))
     assert again["cached"] and again["key"] == doc["key"] and again["base"] == doc["base"]
+    assert all(again[f] == doc[f] for f in CI_FIELDS)
+    # a result cached before the intervals existed gets them from its saved arrays
+    manifest = Path(doc["path"]) / "manifest.json"
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({f: v for f, v in old.items() if f not in CI_FIELDS}))
+    older = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json"]))
+    assert older["cached"] and all(older[f] == pytest.approx(doc[f], **TOL) for f in CI_FIELDS if doc[f] is not None)
+    r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4"])  # the table shows them
+    lo, hi = doc["diversity_ratio_ci"]
+    assert r.exit_code == 0 and f"[{lo:.4g}," in r.stderr and f"{hi:.4g}]" in r.stderr  # (rich wraps the cell at 80 columns)
+    assert "higher diversity with sliders" in r.stderr
     r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "1"])
     assert "--count" in _one_line_error(r)
+
+
+CI_FIELDS = ("diversity_ratio_ci", "vendi_ratio_ci", "clip_score_change_ci", "diversity_higher", "clip_within_5pct")
+
+
+def check_intervals(doc, arr):
+    """The 95% paired bootstrap intervals and verdicts, from the saved embeddings with the slow loop."""
+    a, b, t = arr["base_embeddings"], arr["slider_embeddings"], arr["text_embedding"]
+    assert doc["ci_level"] == 0.95 and doc["ci_resamples"] == 1000
+    assert doc["diversity_ratio_ci"] == pytest.approx(list(boot_ci(a, b, diversity, seed=doc["seed"])), **TOL)
+    assert doc["vendi_ratio_ci"] == pytest.approx(list(boot_ci(a, b, vendi, seed=doc["seed"])), **TOL)
+    assert doc["clip_score_change_ci"] == pytest.approx(list(boot_ci(a, b, lambda x: clip(x, t), seed=doc["seed"]) - 1), **TOL)
+    lo, hi = doc["clip_score_change_ci"]
+    assert doc["diversity_higher"] is (doc["diversity_ratio_ci"][0] > 1)
+    assert doc["clip_within_5pct"] is (-0.05 <= lo and hi <= 0.05)
+
+
+def _spread(n, d, rng, noise):
+    """n rows around one direction with this much noise (small: a narrow set; large: a spread one)."""
+    return np.ones(d) + noise * rng.normal(size=(n, d))
+
+
+def test_paired_bootstrap_matches_the_plain_loop():
+    from conceptkit.metrics import (paired_bootstrap, resample_counts, resampled_clip_score, resampled_mean_pairwise_distance,
+                                    resampled_vendi_score)
+
+    rng = np.random.default_rng(3)
+    for n, d in ((12, 5), (10, 24)):  # Vendi from the (d, d) and from the (n, n) kernel
+        a, b, t = _spread(n, d, rng, 0.5), _spread(n, d, rng, 0.8), rng.normal(size=(1, d))
+        idx = np.random.default_rng(7).integers(0, n, size=(300, n))
+        assert np.array_equal(resample_counts(n, 300, 7), np.stack([np.bincount(i, minlength=n) for i in idx]))
+        for stat, slow in ((resampled_mean_pairwise_distance, diversity), (resampled_vendi_score, vendi),
+                           (lambda x, c: resampled_clip_score(x, t, c), lambda x: clip(x, t))):
+            got = paired_bootstrap(a, b, stat, n_boot=300, seed=7)
+            assert got == pytest.approx(list(boot_ci(a, b, slow, n_boot=300, seed=7)), **TOL)
+            assert got != paired_bootstrap(a, b, stat, n_boot=300, seed=8)  # the seed picks the resamples
+        assert paired_bootstrap(a, b, resampled_vendi_score, n_boot=300, seed=7, level=0.5) == pytest.approx(
+            list(np.percentile([vendi(b[i]) / vendi(a[i]) for i in idx], [25, 75])), **TOL)
+
+
+def test_paired_bootstrap_identical_and_more_spread_sets():
+    from conceptkit.metrics import paired_bootstrap, resampled_clip_score, resampled_mean_pairwise_distance, resampled_vendi_score
+
+    rng = np.random.default_rng(0)
+    a, t = _spread(32, 16, rng, 0.3), rng.normal(size=16)
+    stats = (resampled_mean_pairwise_distance, resampled_vendi_score, lambda x, c: resampled_clip_score(x, t, c))
+    for stat in stats:
+        assert paired_bootstrap(a, a.copy(), stat, seed=5) == (1.0, 1.0)  # every resample's ratio is exactly 1
+    wide = _spread(32, 16, rng, 3.0)
+    for stat in stats[:2]:
+        lo, hi = paired_bootstrap(a, wide, stat, seed=5)
+        assert 1 < lo < hi
+    same = np.repeat(a[:1], 4, axis=0)  # no diversity on either side: no ratio at all
+    assert paired_bootstrap(same, same, resampled_mean_pairwise_distance) is None
 
 
 # ---------------------------------------------------------------- a clustering (Picasso's VbSC)

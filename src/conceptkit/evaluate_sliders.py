@@ -128,6 +128,34 @@ def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], str
     return images[0], images[1]
 
 
+BOOTSTRAP = 1000  # paired resamples of the seeds behind each interval
+LEVEL = 0.95
+CLIP_TOLERANCE = 0.05  # "the CLIP score holds": the whole interval of its relative change within +-5%
+
+
+def intervals(base: np.ndarray, slid: np.ndarray, text: np.ndarray | None, seed: int) -> dict[str, Any]:
+    """95% paired-bootstrap intervals of the three comparisons, and the two verdicts they support.
+
+    Row i of `base` and `slid` come from seed i, so the seeds are resampled jointly
+    (`metrics.paired_bootstrap`, BOOTSTRAP resamples drawn from `seed`, the same ones for every
+    number). An interval is None where its ratio is undefined; `diversity_higher` is whether the
+    diversity ratio's interval lies above 1, `clip_within_5pct` whether the CLIP score change's
+    lies within [-0.05, 0.05] (None without a text embedding).
+    """
+    def ci(stat):
+        out = metrics.paired_bootstrap(base, slid, stat, n_boot=BOOTSTRAP, seed=seed, level=LEVEL)
+        return None if out is None else list(out)
+
+    div = ci(metrics.resampled_mean_pairwise_distance)
+    vendi = ci(metrics.resampled_vendi_score)
+    clip = ci(lambda x, c: metrics.resampled_clip_score(x, text, c)) if text is not None else None
+    clip = None if clip is None else [clip[0] - 1.0, clip[1] - 1.0]
+    return {"diversity_ratio_ci": div, "vendi_ratio_ci": vendi, "clip_score_change_ci": clip,
+            "ci_level": LEVEL, "ci_resamples": BOOTSTRAP,
+            "diversity_higher": None if div is None else div[0] > 1.0,
+            "clip_within_5pct": None if clip is None else (-CLIP_TOLERANCE <= clip[0] and clip[1] <= CLIP_TOLERANCE)}
+
+
 def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str) -> dict[str, Any]:
     return {"set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
             "model": model.identity(), "settings": {**asdict(cfg), "encoder": encoder_spec, "batch_size": None}}
@@ -146,6 +174,9 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec))
     hit = evaluation.cached(key)
     if hit is not None:
+        if "diversity_ratio_ci" not in hit:  # cached before the intervals existed: they come from its saved arrays
+            arr = evaluation.load_arrays(hit)
+            hit = {**hit, **intervals(arr["base_embeddings"], arr["slider_embeddings"], arr.get("text_embedding"), cfg.seed)}
         return evaluation.public(hit, True, time.perf_counter() - started)
     encoder = load_encoder(encoder_spec, model.spec, model.device)
     text, clip_note = evaluation.text_embedding(encoder, sset.prompt)
@@ -197,6 +228,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     doc["diversity_ratio"] = s["diversity"] / b["diversity"] if b["diversity"] > 0 else None
     doc["vendi_ratio"] = s["vendi"] / b["vendi"]
     doc["clip_score_change"] = (s["clip_score"] / b["clip_score"] - 1.0) if text is not None and b["clip_score"] else None
+    doc.update(intervals(emb.a, emb.b, text, cfg.seed))
     toy = model.spec == "toy"
     arrays = {"base_embeddings": emb.a, "slider_embeddings": emb.b, "slider_weights": weights,
               "effect_minus_embeddings": eff_minus, "effect_plus_embeddings": eff_plus, "text_embedding": text,

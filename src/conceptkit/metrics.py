@@ -1,5 +1,5 @@
-"""Metric maths on plain arrays: Fréchet distance, diversity, Vendi score, CLIP score,
-cluster quality, slider orthogonality and effect size, normalised entropy.
+"""Metric maths on plain arrays: Fréchet distance, diversity, Vendi score, CLIP score, cluster quality,
+slider orthogonality and effect size, normalised entropy, paired bootstrap intervals of their ratios.
 
 Model-free: every function takes `np.ndarray` (or a CPU/GPU `torch.Tensor`, converted to
 float64 numpy) and returns plain floats, arrays or a frozen dataclass.
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import pdist, squareform
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
 from conceptkit.errors import UsageError
@@ -27,6 +28,11 @@ __all__ = [
     "frechet_distance",
     "mean_pairwise_distance",
     "normalised_entropy",
+    "paired_bootstrap",
+    "resample_counts",
+    "resampled_clip_score",
+    "resampled_mean_pairwise_distance",
+    "resampled_vendi_score",
     "vendi_score",
 ]
 
@@ -290,3 +296,103 @@ def effect_size(before, after, *, standardise: bool = False) -> float:
     if spread == 0:
         raise UsageError("the 'before' embeddings are all identical; cannot standardise")
     return shift / spread
+
+
+# --------------------------------------------------------------------------- paired bootstrap
+# The `resampled_*` statistics are the plain metric on each resample's multiset of rows, duplicates
+# kept (= e.g. `mean_pairwise_distance(x[idx])`), for all resamples at once from matrices built once.
+
+
+def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n): counts[r, i] = how often resample r drew row i; the draws are `default_rng(seed).integers(0, n, (n_boot, n))`."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.zeros((n_boot, n), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1)
+    return counts
+
+
+def resampled_mean_pairwise_distance(x, counts, metric: str = "cosine") -> np.ndarray:
+    """`mean_pairwise_distance` of each resample's multiset of rows, (n_boot,).
+
+    A row drawn twice makes a pair at distance 0 that counts like any other pair: the mean is over
+    all m(m-1)/2 pairs of the m drawn rows, i.e. w^T D w / (m(m-1)) with D's diagonal 0.
+    """
+    x = _as_array(x, "x", 2)
+    try:
+        dist = squareform(pdist(x, metric=metric))
+    except ValueError as e:
+        raise UsageError(f"bad metric {metric!r}: {e}") from None
+    w = np.asarray(counts, dtype=np.float64)
+    m = w.sum(axis=1)
+    return np.einsum("bi,ij,bj->b", w, dist, w) / (m * (m - 1))
+
+
+def resampled_vendi_score(x, counts, *, chunk: int = 128) -> np.ndarray:
+    """`vendi_score` of each resample's multiset of rows, (n_boot,).
+
+    The kernel of the drawn rows, K[idx][:, idx], has the non-zero spectrum of W^1/2 K W^1/2 (n, n)
+    and of U^T W U (d, d), W = diag(counts); the smaller one is used, in batches of `chunk`.
+    """
+    u = _unit_rows(_as_array(x, "x", 2), "x")
+    w = np.asarray(counts, dtype=np.float64)
+    out = np.empty(len(w))
+    small_n = u.shape[0] <= u.shape[1]
+    kernel = u @ u.T if small_n else None
+    for s in range(0, len(w), chunk):
+        c = w[s:s + chunk]
+        if small_n:
+            r = np.sqrt(c)
+            mats = r[:, :, None] * kernel[None] * r[:, None, :]
+        else:
+            mats = np.einsum("bi,id,ie->bde", c, u, u)
+        lam = np.linalg.eigvalsh(mats / c.sum(axis=1)[:, None, None])
+        lam = np.where(lam > 1e-12, lam, 1.0)  # log(1) = 0: dropped, as in vendi_score
+        out[s:s + chunk] = np.exp(-np.sum(lam * np.log(lam), axis=1))
+    return out
+
+
+def resampled_clip_score(x, text_emb, counts, *, scale: float = 100.0) -> np.ndarray:
+    """`clip_score` of each resample's multiset of rows against one text, (n_boot,)."""
+    img = _as_array(x, "x", 2)
+    txt = _as_array(text_emb, "text_emb").reshape(1, -1)
+    if txt.shape[1] != img.shape[1]:
+        raise UsageError(f"text_emb shape {txt.shape} does not match image_emb shape {img.shape}")
+    per_row = scale * np.maximum(np.sum(_unit_rows(img, "x") * _unit_rows(txt, "text_emb"), axis=1), 0.0)
+    w = np.asarray(counts, dtype=np.float64)
+    return w @ per_row / w.sum(axis=1)
+
+
+def paired_bootstrap(a, b, stat: Callable[[np.ndarray, np.ndarray], np.ndarray], *, n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of stat(b) / stat(a) over paired bootstrap resamples (Efron & Tibshirani 1993).
+
+    Row i of `a` and row i of `b` belong together (the same seed), so each resample draws n row
+    indices with replacement and uses the same ones on both sides (`resample_counts(n, n_boot,
+    seed)`). Each side's statistic is computed on its multiset of drawn rows, duplicates kept (a
+    duplicate pair has distance 0, so the mean pairwise distance of a resample is biased low by about
+    1/n); the bias is the same on both sides, so the ratio is not. For a relative change
+    stat(b) / stat(a) - 1, subtract 1 from both ends: percentiles commute with that. Resamples where
+    stat(a) is 0 have no ratio and are left out; None if every one is.
+
+    Args:
+        a, b: (n, d) paired rows, n >= 2.
+        stat: (x, counts) -> (n_boot,) the statistic of each resample of x, e.g.
+            `resampled_mean_pairwise_distance` or `lambda x, c: resampled_clip_score(x, text, c)`.
+        n_boot: number of resamples.
+        seed: seeds the resampling; the interval is reproducible.
+        level: coverage; the ends are numpy's (linear) percentiles 100(1-level)/2 and 100(1+level)/2.
+    """
+    a = _as_array(a, "a", 2)
+    b = _as_array(b, "b", 2)
+    if a.shape[0] != b.shape[0] or a.shape[0] < 2:
+        raise UsageError(f"paired_bootstrap needs the same number (>= 2) of rows in a and b, got {a.shape} and {b.shape}")
+    if n_boot < 1 or not 0 < level < 1:
+        raise UsageError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot} and {level}")
+    counts = resample_counts(len(a), n_boot, seed)
+    sa, sb = np.asarray(stat(a, counts), dtype=np.float64), np.asarray(stat(b, counts), dtype=np.float64)
+    ok = sa != 0
+    if not ok.any():
+        return None
+    ratio = sb[ok] / sa[ok]
+    lo, hi = np.percentile(ratio, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)

@@ -7,11 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from conceptkit.report import _img, _table, bars, curves, heatmap, image_grid
+from conceptkit.report import _fmt, _img, _table, bars, curves, heatmap, image_grid
 
 
 def _set_rows(doc: dict[str, Any], names: list[tuple[str, str]]) -> list[list[Any]]:
     return [[label, doc[k]["n"], doc[k]["diversity"], doc[k]["vendi"], doc[k]["clip_score"]] for k, label in names]
+
+
+def _with_ci(v: Any, ci: list[float] | None, fmt) -> str | None:
+    """'value [low, high]' (None without a value; the table shows a dash)."""
+    return None if v is None else fmt(v) + ("" if ci is None else f" [{fmt(ci[0])}, {fmt(ci[1])}]")
 
 
 SET_COLUMNS = ["set", "images", "diversity (mean cosine distance)", "Vendi score", "CLIP score"]
@@ -19,6 +24,7 @@ SET_COLUMNS = ["set", "images", "diversity (mean cosine distance)", "Vendi score
 
 def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
     files: dict[str, str] = {}
+    level = f"{100 * doc.get('ci_level', 0.95):g}%"
     labels = [f"{s['index']}:{s['label']}" for s in doc["per_slider"]]
     shown = min(32, doc["count"])
     files["base_grid"] = image_grid(folder / "base.png", arrays["base_images"][:shown], f"base model, seeds {doc['seed']}..")
@@ -40,9 +46,14 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                      "effect size: mean embedding shift from the base image", "mean ||shift||")
     sections = [
         _table("diversity and alignment", SET_COLUMNS, _set_rows(doc, [("base", "base model"), ("sliders", "random sliders")])),
-        _table("comparison", ["Fréchet distance (base vs sliders)", "diversity ratio", "Vendi ratio", "CLIP score change"],
-               [[doc["frechet_distance"], doc["diversity_ratio"], doc["vendi_ratio"],
-                 None if doc["clip_score_change"] is None else f"{100 * doc['clip_score_change']:+.2f}%"]]),
+        _table(f"comparison (sliders / base; [{level} paired bootstrap interval over the seeds])",
+               ["Fréchet distance (base vs sliders)", "diversity ratio", "Vendi ratio", "CLIP score change"],
+               [[doc["frechet_distance"], _with_ci(doc["diversity_ratio"], doc.get("diversity_ratio_ci"), _fmt),
+                 _with_ci(doc["vendi_ratio"], doc.get("vendi_ratio_ci"), _fmt),
+                 _with_ci(doc["clip_score_change"], doc.get("clip_score_change_ci"), lambda v: f"{100 * v:+.2f}%")]]),
+        f"<p class=\"note\">Higher diversity with sliders ({level} interval of the diversity ratio above 1): "
+        f"{_fmt(doc.get('diversity_higher'))}. CLIP score within 5% ({level} interval of its change inside ±5%): "
+        f"{_fmt(doc.get('clip_within_5pct'))}.</p>",
     ]
     if not doc["clip_available"]:
         sections.append(f"<p class=\"note\">CLIP score unavailable: {doc['clip_note']}</p>")

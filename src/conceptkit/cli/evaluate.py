@@ -41,6 +41,11 @@ def _finish(doc: dict, report: Path | None, json_out: bool, render) -> None:
             + (f"\nreport {doc['report']['html']}" if report is not None else ""))
 
 
+def _with_ci(v, ci, fmt) -> str:
+    """'value [low, high]', or '-' without a value."""
+    return "-" if v is None else fmt(v) + ("" if ci is None else f" [{fmt(ci[0])}, {fmt(ci[1])}]")
+
+
 def _set_table(title: str, rows) -> None:
     ui.table(title, ["set", "images", "diversity", "vendi", "clip score"],
              [(name, d["n"], _fmt(d["diversity"]), _fmt(d["vendi"]), _fmt(d["clip_score"])) for name, d in rows])
@@ -82,10 +87,15 @@ def sliders(
 def _render_sliders(doc: dict) -> None:
     _set_table(f"sliders {doc['set']}: {doc['count']} images per side, encoder {doc['encoder']}",
                [("base", doc["base"]), (f"{doc['per_image']} random sliders", doc["sliders"])])
-    change = doc["clip_score_change"]
-    ui.table("comparison", ["frechet distance", "diversity ratio", "vendi ratio", "clip score change"],
-             [(_fmt(doc["frechet_distance"]), _fmt(doc["diversity_ratio"]), _fmt(doc["vendi_ratio"]),
-               "-" if change is None else f"{100 * change:+.2f}%")])
+    level = f"{100 * doc.get('ci_level', 0.95):g}%"
+    ui.table(f"comparison (sliders / base; [{level} paired bootstrap interval over the seeds])",
+             ["frechet distance", "diversity ratio", "vendi ratio", "clip score change"],
+             [(_fmt(doc["frechet_distance"]), _with_ci(doc["diversity_ratio"], doc.get("diversity_ratio_ci"), _fmt),
+               _with_ci(doc["vendi_ratio"], doc.get("vendi_ratio_ci"), _fmt),
+               _with_ci(doc["clip_score_change"], doc.get("clip_score_change_ci"), lambda v: f"{100 * v:+.2f}%"))])
+    verdict = {True: "yes", False: "no", None: "-"}
+    ui.info(f"higher diversity with sliders ({level} interval of the ratio above 1): {verdict[doc.get('diversity_higher')]}; "
+            f"clip score within 5% ({level} interval of the change inside +/-5%): {verdict[doc.get('clip_within_5pct')]}")
     if not doc["clip_available"]:
         ui.info(f"clip score unavailable: {doc['clip_note']}")
     ui.table(f"per slider (effect at +/-{doc['effect_strength']:g} on {doc['effect_count']} seeds; mean |off-diagonal cosine| "
