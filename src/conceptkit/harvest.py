@@ -11,7 +11,6 @@ resumes with the missing trajectories only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -383,25 +382,3 @@ def decode(model: LoadedModel, latents: torch.Tensor, batch_size: int = 16) -> t
         chunk = chunk.to(model.device, vae.dtype) / vae.config.scaling_factor
         images.append(((vae.decode(chunk).sample.float() + 1) / 2).clamp(0, 1).cpu())
     return torch.cat(images) if images else torch.empty(0)
-
-
-def save_images(model: LoadedModel, path: Path, out_dir: Path, samples: int) -> list[Path]:
-    """Decode the first `samples` final latents of a harvest and write them as PNGs in `out_dir`."""
-    from PIL import Image, PngImagePlugin
-
-    h = load(path, samples=samples, names=())
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write images to {out_dir}: {exc.strerror or exc}") from exc
-    images = decode(model, h.final.float())
-    files = []
-    for img, seed, p in zip(images, h.seeds.tolist(), h.prompt_index.tolist()):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("conceptkit", json.dumps({"prompt": h.manifest["prompts"][p], "seed": seed, "model": h.manifest["model"], "harvest": path.name}))
-        file = out_dir / f"{path.name}-{seed:06d}.png"
-        array = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        with store.atomic_path(file) as tmp:
-            Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
-        files.append(file)
-    return files

@@ -98,7 +98,7 @@ def harvest(
     if rank != 0:  # one report per launch, from the main process
         return
     m = result.manifest
-    images = stage.save_images(loaded, result.path, save_images, cfg.samples) if save_images else []
+    images = _save_images(loaded, result.path, save_images, cfg.samples) if save_images else []
     out = {
         "key": result.key,
         "path": str(result.path),
@@ -126,3 +126,27 @@ def harvest(
     ui.info(f"key {result.key}  {result.path}")
 
 
+def _save_images(model, path: Path, out_dir: Path, samples: int) -> list[Path]:
+    """Decode the first `samples` final latents of a harvest and write them as PNGs in `out_dir`."""
+    import json
+
+    from PIL import Image, PngImagePlugin
+
+    from conceptkit import harvest, store
+
+    h = harvest.load(path, samples=samples, names=())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write images to {out_dir}: {exc.strerror or exc}") from exc
+    images = harvest.decode(model, h.final.float())
+    files = []
+    for img, seed, p in zip(images, h.seeds.tolist(), h.prompt_index.tolist()):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("conceptkit", json.dumps({"prompt": h.manifest["prompts"][p], "seed": seed, "model": h.manifest["model"], "harvest": path.name}))
+        file = out_dir / f"{path.name}-{seed:06d}.png"
+        array = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        with store.atomic_path(file) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+        files.append(file)
+    return files
