@@ -122,7 +122,10 @@ def run_unet(args, arch: ToyArchitecture) -> None:
     """Stage unet: train on precomputed latents, exporting the pipeline at each checkpoint."""
     from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
 
-    config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every, coupled=args.unet_coupled)
+    # a coupled line names fewer factors and draws half its batch from the noisier half of the
+    # schedule: the noise-to-factor mapping it must learn only matters there, for unnamed factors
+    coupled = dict(coupled=True, p_mention=0.5, high_t_share=0.5) if args.unet_coupled else {}
+    config = UnetTrainConfig(steps=args.unet_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every, **coupled)
     train_unet(config, arch, args.workdir, args.output, log=_log, clip_name=args.unet_clip, stage_dir=args.unet_dir,
                init_from=args.unet_init)
 
