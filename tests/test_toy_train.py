@@ -63,3 +63,8 @@ def test_unet_warm_start_takes_the_other_runs_weights(tmp_path):
     shipped = coupling.load(tmp_path / "w3" / coupling.FILE)
     assert shipped.read(torch.zeros(1, 4, 8, 8)) and (tmp_path / "unet-coupled" / coupling.FILE).exists()
     assert '"coupled_noise": true' in (tmp_path / "w3" / "training.json").read_text()
+    # resuming that line without coupling is refused, not silently continued with plain noise
+    import pytest
+
+    with pytest.raises(ValueError, match="noise coupling"):
+        train_unet(UnetTrainConfig(steps=2, **cfg), arch, tmp_path, tmp_path / "w4", log=lambda m: None, stage_dir="unet-coupled")

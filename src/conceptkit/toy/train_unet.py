@@ -184,6 +184,10 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
     warm_from = None
     ck = load_latest(ckdir)
     if ck is not None:
+        was = bool(ck.state.get("config", {}).get("coupled", False))
+        if was != config.coupled:  # resuming a line with the other noise would silently change what it learns
+            raise ValueError(f"{ckdir} was trained {'with' if was else 'without'} noise coupling; resume it "
+                             f"{'with' if was else 'without'} --unet-coupled (or start another --unet-dir)")
         unet.load_state_dict(unprefixed("model", ck.tensors))
         ema.load_state_dict(unprefixed("ema", ck.tensors))
         restore_optimizer(opt, ck.tensors, ck.state["param_groups"])
@@ -248,7 +252,8 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
                             {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed, "warm_start": warm_from,
                              "recent_loss": float(np.mean(losses[-100:]))})
             export_pipeline(ema, tok, text, current_vae(workdir, vae, log), workdir / "export" / clip_name, output,
-                            extra=[ckdir / coupling.FILE] if cpl is not None else [], provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from,
+                            extra=[ckdir / coupling.FILE] if cpl is not None else [],
+                            provenance={"unet_dir": stage_dir, "step": step, "clip": clip_name, "warm_start": warm_from,
                                         "coupled_noise": config.coupled})
             (ckdir / "exported.json").write_text(json.dumps({"step": step, "output": str(output), "time": time.time()}))
             log(f"unet: checkpoint and export at step {step}")
