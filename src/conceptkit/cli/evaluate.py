@@ -41,6 +41,10 @@ def _finish(doc: dict, report: Path | None, json_out: bool, render) -> None:
             + (f"\nreport {doc['report']['html']}" if report is not None else ""))
 
 
+def _ratio(v: float) -> str:  # ratios near 1: a fixed number of decimals, so 1.0000 does not print as "1"
+    return f"{v:.4f}"
+
+
 def _with_ci(v, ci, fmt) -> str:
     """'value [low, high]', or '-' without a value."""
     return "-" if v is None else fmt(v) + ("" if ci is None else f" [{fmt(ci[0])}, {fmt(ci[1])}]")
@@ -90,8 +94,8 @@ def _render_sliders(doc: dict) -> None:
     level = f"{100 * doc.get('ci_level', 0.95):g}%"
     ui.table(f"comparison (sliders / base; [{level} paired bootstrap interval over the seeds])",
              ["frechet distance", "diversity ratio", "vendi ratio", "clip score change"],
-             [(_fmt(doc["frechet_distance"]), _with_ci(doc["diversity_ratio"], doc.get("diversity_ratio_ci"), _fmt),
-               _with_ci(doc["vendi_ratio"], doc.get("vendi_ratio_ci"), _fmt),
+             [(_fmt(doc["frechet_distance"]), _with_ci(doc["diversity_ratio"], doc.get("diversity_ratio_ci"), _ratio),
+               _with_ci(doc["vendi_ratio"], doc.get("vendi_ratio_ci"), _ratio),
                _with_ci(doc["clip_score_change"], doc.get("clip_score_change_ci"), lambda v: f"{100 * v:+.2f}%"))])
     verdict = {True: "yes", False: "no", None: "-"}
     ui.info(f"higher diversity with sliders ({level} interval of the ratio above 1): {verdict[doc.get('diversity_higher')]}; "
