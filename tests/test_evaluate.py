@@ -282,7 +282,7 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
     assert older["cached"] and all(older[f] == pytest.approx(doc[f], **TOL) for f in CI_FIELDS if doc[f] is not None)
     r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4"])  # the table shows them
     lo, hi = doc["diversity_ratio_ci"]
-    assert r.exit_code == 0 and f"[{lo:.4g}," in r.stderr and f"{hi:.4g}]" in r.stderr  # (rich wraps the cell at 80 columns)
+    assert r.exit_code == 0 and f"[{lo:.4f}," in r.stderr and f"{hi:.4f}]" in r.stderr  # (rich wraps the cell at 80 columns)
     assert "higher diversity with sliders" in r.stderr
     r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "1"])
     assert "--count" in _one_line_error(r)
