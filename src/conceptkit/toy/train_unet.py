@@ -46,14 +46,15 @@ class UnetTrainConfig:
     seed: int = 0
     checkpoint_every_s: float = 240.0  # wall seconds between checkpoints (and pipeline exports)
     coupled: bool = False  # the noise decides the factors a caption leaves open (`toy.coupling`)
-    high_t_share: float = 0.0  # share of each batch drawn from the noisier half of the schedule, where coupling is learned
+    high_t_share: float = 0.0  # share of each batch drawn from the noisy end of the schedule, where coupling is learned
+    high_t_from: float = 0.5  # ... namely from this fraction of the timesteps on
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch <= 0 or self.pool < self.batch:
             raise ValueError("need steps > 0, batch > 0 and pool >= batch")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        for name in ("p_mention", "p_uncond", "high_t_share"):
+        for name in ("p_mention", "p_uncond", "high_t_share", "high_t_from"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -228,7 +229,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
         t = torch.randint(0, len(abar), (config.batch,), generator=g)
         n_high = round(config.high_t_share * config.batch)
         if n_high:
-            t[:n_high] = torch.randint(len(abar) // 2, len(abar), (n_high,), generator=g)
+            t[:n_high] = torch.randint(int(config.high_t_from * len(abar)), len(abar), (n_high,), generator=g)
         a = abar[t].sqrt()[:, None, None, None]
         s = (1 - abar[t]).sqrt()[:, None, None, None]
         v_target = a * noise - s * x0
