@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conceptkit.cli import app
+from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 
@@ -17,13 +18,6 @@ def invoke(*args, input=None):
     return runner.invoke(app, list(args), input=input)
 
 
-def _one_line_error(result, code=2):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 def test_harvest_json_is_the_only_stdout():

@@ -16,17 +16,12 @@ from typer.testing import CliRunner
 
 from conceptkit import store
 from conceptkit.cli import app
+from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 TOL = dict(abs=1e-6, rel=1e-6)
 
 
-def _one_line_error(result, code=2):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 def _json(result) -> dict:

@@ -21,6 +21,7 @@ from conceptkit.generate import (
     sample,
 )
 from conceptkit.slider_sets import load_set, parse_ref
+from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 
@@ -49,12 +50,6 @@ def model(trained):
     return trained[0]
 
 
-def _one_line_error(result, code=2):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 def test_strength_zero_is_the_base_model_and_sliders_add_up(model):

@@ -27,6 +27,7 @@ from conceptkit.attention import cross_attention_names
 from conceptkit.cli import app
 from conceptkit.errors import UsageError
 from conceptkit.models import load_model
+from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 TINY = ["--model", "tiny-sd", "--steps", "4", "--samples", "4"]
@@ -172,12 +173,6 @@ def test_cluster_json_metrics_recompute_from_saved_arrays_and_sweeps_plot(tmp_pa
     assert "sweep over k" in table.stderr and "silhouette" in table.stderr and doc["key"] in table.stderr
 
 
-def _one_line_error(result):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert result.stdout == "" and "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize(

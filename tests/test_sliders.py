@@ -15,6 +15,7 @@ from conceptkit.cli import app
 from conceptkit.errors import UsageError
 from conceptkit.slider_labels import alignment, assign_labels
 from conceptkit.slider_train import TrainSettings, principal_directions, slider_loss
+from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 SMALL = dict(count=3, samples=6, encoder="pixel")
@@ -263,12 +264,6 @@ def test_a_killed_training_leaves_no_set_and_a_rerun_resumes(tmp_path, monkeypat
 # ---------------------------------------------------------------- command line
 
 
-def _one_line_error(result, code=2):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    return lines[0]
 
 
 def test_cli_main_form_trains_and_prints_only_json():
