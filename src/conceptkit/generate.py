@@ -24,7 +24,7 @@ import torch
 
 from conceptkit import store
 from conceptkit.errors import UsageError
-from conceptkit.slider_sets import SliderRef, load_set, parse_ref, resolve, sets_for
+from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for
 from conceptkit.sliders import SliderInfo, SliderSet
 
 SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
@@ -47,8 +47,8 @@ def parse_sweep(text: str) -> Sweep:
         lo, hi, n = float(m["lo"]), float(m["hi"]), int(m["n"])
     except ValueError:
         raise UsageError(f"--sweep {text!r}: LO and HI must be numbers") from None
-    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)):
-        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI finite")
+    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_STRENGTH:
+        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     ref = parse_ref(f"{m['ref']}=0")
     return Sweep(ref, tuple(float(x) for x in np.linspace(lo, hi, n)))
 
