@@ -231,6 +231,22 @@ def _grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> torch.Ten
     return grid
 
 
+def _with_column_labels(grid: torch.Tensor, labels: list[str], cell_w: int, pad: int = 2) -> torch.Tensor:
+    """The grid with a white header strip that names each column (e.g. its slider strength)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    height = 14
+    header = Image.new("RGB", (grid.shape[2], height), "white")
+    draw = ImageDraw.Draw(header)
+    for q, text in enumerate(labels):
+        width = draw.textlength(text, font=font)
+        x = pad + q * (cell_w + pad) + max(0.0, (cell_w - width) / 2)
+        draw.text((x, 1), text, fill="black", font=font)
+    strip = torch.from_numpy(np.asarray(header, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.cat([strip, grid], 1)
+
+
 @dataclass(frozen=True)
 class GenerateResult:
     """The PNGs written, each with its settings."""
@@ -304,14 +320,15 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                 key = (swept[0].name, swept[1].index)
                 scales[key] = scales.get(key, 0.0) + value
                 columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales, subs))
-                if progress:
-                    progress(k + 1, len(sweep.strengths))
+                if progress:  # the bar counts images
+                    progress((k + 1) * len(seeds), len(sweep.strengths) * len(seeds))
             grid = torch.stack(columns, 1).flatten(0, 1)  # (seeds*strengths, 3, H, W), row-major
             settings = {**common, "seeds": seeds, "sliders": _describe(base_scales, chosen),
                         "sweep": {"set": swept[0].name, "label": swept[1].label, "index": swept[1].index,
                                   "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
             path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
-            _png(_grid(grid, len(seeds), len(sweep.strengths)), path, settings)
+            labels = [f"{v:+g}" for v in sweep.strengths]
+            _png(_with_column_labels(_grid(grid, len(seeds), len(sweep.strengths)), labels, grid.shape[-1]), path, settings)
             files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep", "subconcepts") if k in settings}})
         else:
             # 2b. one image per seed; random combinations drawn per image
