@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -112,6 +113,19 @@ def _quiet_libraries() -> None:
             module.logging.set_verbosity_error()
 
 
+def _terminate_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM (a `kill`, a job scheduler, a container stop) stops a command as Ctrl-C does: finished
+    work is kept, temporary files are removed, exit 130. Only in the main thread, where signals land."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+
+
 def command(fn):
     """Check numeric options against cli/limits.py, then turn domain errors into one line and an
     exit code; never a traceback unless --verbose."""
@@ -120,6 +134,7 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        _handle_sigterm()
         try:
             limits.check(name, kwargs)
             limits.check_outputs(kwargs)

@@ -97,11 +97,10 @@ def train(
     values, from_profile = slider_defaults.resolve(profile, **given)
     cfg = settings(values)
     defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
-    if from_profile and proc == 0:
-        ui.info(f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
-                + f" ({profile.why})")
+    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
+            + f" ({profile.why})") if from_profile else None
     if dry_run:
-        _dry_run(loaded, cfg, defaults_doc, json_out)
+        _dry_run(loaded, cfg, defaults_doc, json_out, used)
         return
     with ui.progress("sliders", unit="steps", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
@@ -114,10 +113,12 @@ def train(
         ui.print_json(doc)
         return
     _table(sset)
+    if used:
+        ui.info(used)
     ui.info(f"set {sset.name}  {sset.path}" + ("  (cached)" if sset.cached else f"  {sset.seconds:.0f}s"))
 
 
-def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool) -> None:
+def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) -> None:
     """The plan of a run: what it will harvest and train, the harvest's disk size, an estimated time."""
     from conceptkit.slider_plan import make_plan
 
@@ -134,6 +135,8 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool) -> None:
              [(plan.trajectories, plan.steps, f"{plan.guidance:g}", plan.train_steps, plan.pairs,
                ui.human_size(plan.harvest_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
                ui.human_age(plan.train_s))])
+    if used:
+        ui.info(used)
     ui.info("estimates from the measured call: one per harvest batch and step; per training step one batched pass "
             "with backward (decoding and embedding left out); nothing was written")
 
