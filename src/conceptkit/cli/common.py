@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Optional
 
 import typer
@@ -31,7 +32,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id in the local cache, diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
         show_default=False,
     ),
 ]
@@ -39,7 +40,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option(help="Diffusers config folder (or cached hub id) for a single-file .safetensors model.", show_default=False),
+    typer.Option(help="Diffusers config folder (or hub id) for a single-file .safetensors model.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -94,10 +95,23 @@ def command(fn):
     return wrapper
 
 
-def load(model: str | None, device: str, dtype: str, config: Path | None):
-    from conceptkit.models import load_model
+def load(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
+    """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
+
+    Args:
+        encoders: `--encoder` specs the run will load after the model (`auto` resolves against the model).
+    """
+    import torch
+
+    from conceptkit import features, hub
+    from conceptkit.models import hub_needs, load_model, resolve_device, resolve_dtype
 
     spec = model_spec(model)
+    half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
+    needs = hub_needs(spec, config, prefer_fp16=half)
+    for encoder in encoders:
+        needs += features.hub_needs(encoder or "auto", spec)
+    hub.prepare(needs, say=ui.info)  # one line per download, then huggingface_hub's progress bars
     with ui.err.status(f"loading {spec}"):
         return load_model(spec, device=device, dtype=dtype, config=config)
 
@@ -106,8 +120,12 @@ def load(model: str | None, device: str, dtype: str, config: Path | None):
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and library logs.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Download nothing: use the local Hugging Face cache only (as HF_HUB_OFFLINE=1 does).")] = False,
 ) -> None:
+    from conceptkit import hub
+
     _state["verbose"] = verbose
+    hub.set_offline(offline)
     if version:
         from conceptkit import __version__
 

@@ -52,7 +52,7 @@ def train(
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
     samples: Annotated[int, typer.Option("--samples", "-n", help="Harvested trajectories.")] = 16,
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
-    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (from the local cache) otherwise.")] = "auto",
+    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
     targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
     train_steps: Annotated[int, typer.Option("--train-steps", help="Optimiser steps (all sliders train in each).")] = 100,
@@ -86,7 +86,7 @@ def train(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = load(model, device, dtype, config)
+    loaded = load(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
     with ui.progress("sliders", unit="steps", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
         sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
     if rank != 0:  # one report per launch, from the main process
