@@ -210,6 +210,8 @@ def plan(need: Need) -> Fetch:
         )
         files = {s.rfilename: _sibling_size(s) for s in (info.siblings or [])}
         revision = str(info.sha or "main")
+        snapshot = _repo_dir(need.repo_id) / "snapshots" / revision
+        present = {f for f in files if (snapshot / f).exists()}  # before model_index.json is fetched to plan
         if need.kind == "encoder":
             chosen = select_encoder_files(need.repo_id, files)
         else:
@@ -226,8 +228,7 @@ def plan(need: Need) -> Fetch:
         raise
     except Exception as err:  # noqa: BLE001 - huggingface_hub and httpx raise many kinds; each becomes one line
         raise failure(err, need) from err
-    snapshot = _repo_dir(need.repo_id) / "snapshots" / revision
-    missing = tuple(f for f in chosen if not (snapshot / f).exists())
+    missing = tuple(f for f in chosen if f not in present)
     sizes = [files.get(f) for f in missing]
     size = None if any(s is None for s in sizes) else int(sum(sizes))
     return Fetch(need=need, revision=revision, files=tuple(chosen), missing=missing, size=size)
@@ -258,6 +259,7 @@ def failure(err: Exception, need: Need) -> ModelNotFoundError:
         GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
+    err = _root_cause(err, (HfHubHTTPError, OfflineModeIsEnabled))
     status = getattr(getattr(err, "response", None), "status_code", None)
     name = f"{need.role} {need.repo_id}"
     gated = isinstance(err, GatedRepoError) or (
@@ -282,6 +284,18 @@ def failure(err: Exception, need: Need) -> ModelNotFoundError:
         f"could not reach the Hugging Face Hub at {endpoint()} ({type(err).__name__}: {detail}) and {name} is not "
         f"in the local cache ({hf_cache_dir()}); run `{need.hint()}` where there is network, {need.alternative}"
     )
+
+
+def _root_cause(err: BaseException, wanted: tuple[type, ...]) -> BaseException:
+    """The first error of a kind in `wanted` along `err`'s cause chain (hf_hub_download wraps an HTTP 403
+    in a LocalEntryNotFoundError), else `err` itself."""
+    seen, link = set(), err
+    while link is not None and id(link) not in seen:
+        if isinstance(link, wanted):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return err
 
 
 def _timeout() -> float:

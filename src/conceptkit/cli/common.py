@@ -111,7 +111,8 @@ def load(model: str | None, device: str, dtype: str, config: Path | None, encode
     needs = hub_needs(spec, config, prefer_fp16=half)
     for encoder in encoders:
         needs += features.hub_needs(encoder or "auto", spec)
-    hub.prepare(needs, say=ui.info)  # one line per download, then huggingface_hub's progress bars
+    # one unwrapped line per repository to download, then huggingface_hub's progress bars
+    hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):
         return load_model(spec, device=device, dtype=dtype, config=config)
 
