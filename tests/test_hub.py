@@ -152,7 +152,7 @@ def test_unreachable_hub_fails_fast_saying_download_it_elsewhere(fake_hub, tmp_p
 
 def test_every_download_is_named_before_any_starts(fake_hub, saved):
     fake_hub.add("test-org/tiny-dino", saved["dino"])
-    needs = [hub.Need(REPO, "pipeline"), hub.Need("test-org/tiny-dino", "encoder", role="encoder dinov2:test-org/tiny-dino")]
+    needs = [hub.Need(REPO, "pipeline"), hub.Need("test-org/tiny-dino", "encoder", role="encoder")]
     weights_asked = []
 
     def say(line):

@@ -174,7 +174,7 @@ def _locate(name: str, spec: str) -> str:
 
 def _encoder_need(name: str, spec: str) -> hub.Need:
     kind = spec.partition(":")[0]
-    return hub.Need(name, "encoder", role=f"encoder {spec}",
+    return hub.Need(name, "encoder", role="encoder",
                     alternative=f"or pass a local folder (--encoder {kind}:/path/to/folder)")
 
 
