@@ -60,14 +60,13 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def fake_hub(saved, tmp_path, monkeypatch):
-    """Online against a fake hub, with an empty Hugging Face cache; progress bars forced on (stderr is not a TTY)."""
+    """Online against a fake hub, with an empty Hugging Face cache."""
     import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, when it was imported
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
-    monkeypatch.setenv("TQDM_POSITION", "-1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     with FakeHub() as server:
         server.add(REPO, saved["tiny-sd"])
@@ -90,7 +89,8 @@ def test_importing_conceptkit_leaves_the_hub_settings_alone():
     assert out.stdout.split() == ["None", "None"]
 
 
-def test_missing_model_is_named_sized_downloaded_with_a_bar_and_loads(fake_hub, tmp_path):
+def test_missing_model_is_named_sized_downloaded_with_a_bar_and_loads(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_POSITION", "-1")  # huggingface_hub's bars show on a terminal; force them into the capture
     r = _generate(out=tmp_path / "images")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)  # stdout holds the JSON document only

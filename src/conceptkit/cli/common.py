@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Annotated, Optional
@@ -56,16 +57,14 @@ def _quiet_libraries() -> None:
     if _state["verbose"]:
         return
     warnings.filterwarnings("ignore")
+    # Read when each library is imported; one already imported is told directly. Importing them here
+    # would cost seconds on commands that fail before loading a model (an offline, missing model).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        diffusers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+    for name in ("transformers", "diffusers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.logging.set_verbosity_error()
 
 
 def command(fn):
