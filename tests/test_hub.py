@@ -111,6 +111,7 @@ def test_missing_model_is_named_sized_downloaded_with_a_bar_and_loads(fake_hub, 
     again = _generate(out=tmp_path / "again")
     assert again.exit_code == 0, again.output
     assert "downloading" not in again.stderr and len(fake_hub.requests) == asked
+    assert _generate("--offline", out=tmp_path / "offline").exit_code == 0  # and offline, from the cache alone
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])
@@ -182,6 +183,15 @@ def test_encoder_is_downloaded_then_loads_and_offline_fails_in_one_line(fake_hub
         load_encoder("dinov2:test-org/other-dino")
     assert "`hf download test-org/other-dino`" in str(err.value) and "--encoder dinov2:/path/to/folder" in str(err.value)
     assert load_encoder("dinov2:test-org/tiny-dino").dim == 16  # the downloaded one loads offline from the cache
+
+
+def test_gated_encoder_says_log_in(fake_hub, saved):
+    from conceptkit.features import load_encoder
+
+    fake_hub.add("test-org/gated-dino", saved["dino"], gated=401)
+    with pytest.raises(ModelNotFoundError) as err:
+        load_encoder("dinov2:test-org/gated-dino")
+    assert "`hf auth login`" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_single_file_downloads_only_the_configs_it_borrows(fake_hub, saved):
