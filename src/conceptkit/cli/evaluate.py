@@ -79,7 +79,7 @@ def sliders(
     cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
                            effect_strength=effect_strength, seed=seed, encoder=encoder, batch_size=batch_size)
     sset = load_set(name)
-    loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None)
+    loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None, encoders=[encoder or sset.manifest["encoder"]])
     with ui.progress("evaluate sliders", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         def progress(stage, done, total):
             bar(done, total, stage=stage)
@@ -173,7 +173,7 @@ def cluster(
 
     cfg = ClusterEvalConfig(per_subconcept=count, mode=mode, scale=scale, seed=seed, encoder=encoder, steps=steps,
                             guidance=guidance, batch_size=batch_size)
-    loaded = load(model or model_spec(key), device, "auto", None)
+    loaded = load(model or model_spec(key), device, "auto", None, encoders=[encoder or "auto"])
     with ui.progress("evaluate cluster", unit="sub-concepts", enabled=not json_out or sys.stderr.isatty()) as bar:
         doc = run(loaded, key, cfg, progress=lambda stage, done, total: bar(done, total, stage=stage), on_wait=ui.info)
     _finish(doc, report, json_out, _render_cluster)
