@@ -38,6 +38,11 @@ sliders_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True,
 app.add_typer(sliders_app, name="sliders")
 
 
+def _warn(message: str) -> None:
+    """One warning line on stderr, never wrapped."""
+    ui.err.print(f"warning: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
 def _table(sset) -> None:
     ui.table(f"sliders {sset.name} ({sset.prompt!r}, {sset.manifest['model']['spec']}, {sset.manifest['encoder']})",
              ["index", "label", "explained variance", "effect size", "alignment"],
@@ -93,7 +98,7 @@ def train(
         return
     doc = sset.to_json()
     if export is not None:
-        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
+        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export, warn=_warn)]
     if json_out:
         ui.print_json(doc)
         return
@@ -160,7 +165,7 @@ def export(
 
     if format != "kohya":
         raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")
-    paths = export_kohya(name, folder)
+    paths = export_kohya(name, folder, warn=_warn)
     if json_out:
         ui.print_json({"name": name, "files": [str(p) for p in paths]})
         return
