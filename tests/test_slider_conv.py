@@ -135,7 +135,7 @@ def test_training_moves_conv_sliders_on_tiny_sd(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path))
     model = load_model("tiny-sd", device="cpu")
-    targets = r".*resnets\.\d+\.(conv1|conv2)|.*attn2\.to_v"
+    targets = r".*resnets\.\d+\.(conv1|conv2)|.*attn2\.to_v|time_embedding\.linear_1"
     sset = run(model, SlidersConfig("a shape", count=2, samples=6, encoder="pixel", targets=targets,
                                     train=TrainSettings(steps=6, pairs=2, lr=1e-2)))
     loaded = load_slider_file(sset.path / sset.sliders[0].file)
@@ -143,3 +143,34 @@ def test_training_moves_conv_sliders_on_tiny_sd(tmp_path, monkeypatch):
     assert convs and all(".resnets." in n for n in convs)
     assert all(loaded.factors.lora_B[n].abs().max() > 0 for n in convs)  # B starts at zero: training moved it
     assert sset.manifest["loss"]["last"] is not None
+
+    # the CLI export: kohya files for every slider and one warning line about what sd-scripts skips
+    from typer.testing import CliRunner
+
+    from conceptkit.cli import app
+
+    result = CliRunner().invoke(app, ["sliders", "export", sset.name, str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "time_embedding.linear_1" in lines[0] and "sd-scripts" in lines[0]
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) == 2
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.title"].startswith(sset.name + "/")
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in keys
+    assert "lora_unet_time_embedding_linear_1.alpha" in keys
+
+
+@pytest.mark.parametrize(("targets", "why"), [(r".*attn2", "Attention"), (r"nothing\.here", "no module name matches")])
+def test_targets_are_checked_before_the_harvest(targets, why, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from _cli import one_line_error
+    from conceptkit.cli import app
+
+    monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["sliders", "a shape", "--model", "tiny-sd", "--encoder", "pixel", "--targets", targets])
+    line = one_line_error(result)
+    assert "--targets" in line and why in line
+    assert not any(tmp_path.rglob("*.safetensors"))  # no harvest ran

@@ -9,7 +9,9 @@ The bank keeps K sliders per layer, A: (K, r, in[, kh, kw]) and B: (K, out, r).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,37 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
         return LayerSpec("conv", module.in_channels, module.out_channels, tuple(module.kernel_size),
                          tuple(module.stride), module.padding if isinstance(module.padding, str) else tuple(module.padding))
     raise ValueError(f"{name} is a {type(module).__name__}; sliders go on nn.Linear and nn.Conv2d layers only")
+
+
+class Target(NamedTuple):
+    """One module a `--targets` regex picked: its name, the module, the layer under it, the spec."""
+
+    name: str
+    module: nn.Module  # what the hook goes on (a peft LoRA layer stays itself)
+    layer: nn.Module  # the nn.Linear / nn.Conv2d whose shape the slider takes (a peft layer's base_layer)
+    spec: LayerSpec
+
+
+def select_targets(unet: nn.Module, pattern: str) -> list[Target]:
+    """The modules whose names `pattern` fully matches (peft's rule), or ValueError saying why none
+    or which one cannot carry a slider."""
+    regex = re.compile(pattern)
+    found = [(n, m) for n, m in unet.named_modules() if n and regex.fullmatch(n)]
+    if not found:
+        raise ValueError(f"no module name matches {pattern!r}")
+    names = {n for n, _ in found}
+    out = []
+    for name, module in found:
+        layer = getattr(module, "base_layer", module)
+        try:
+            spec = layer_spec(name, layer)
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({name} matches {pattern!r})") from None
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in names for i in range(1, len(parts))):
+            raise ValueError(f"{name} and a module around it both match {pattern!r}")
+        out.append(Target(name, module, layer, spec))
+    return out
 
 
 def sparse_delta(spec: LayerSpec, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from conceptkit.slider_files import (  # noqa: F401  re-exported: the file forma
     save_slider_file,
 )
 from conceptkit.slider_kohya import export_kohya, kohya_key  # noqa: F401  re-exported
-from conceptkit.slider_layers import LayerSpec, dense_delta, layer_spec, sparse_delta
+from conceptkit.slider_layers import LayerSpec, dense_delta, select_targets, sparse_delta
 
 DEFAULT_TARGETS = r".*attn2\.(to_k|to_v)"  # cross-attention key/value projections
 
@@ -132,25 +132,15 @@ class SliderBank(nn.Module):
     def __init__(self, unet: nn.Module, config: SliderLoraConfig):
         super().__init__()
         self.config = config
-        pattern = re.compile(config.target_modules)
-        targets = [(n, m) for n, m in unet.named_modules() if n and pattern.fullmatch(n)]
-        if not targets:
-            raise ValueError(f"no module name matches {config.target_modules!r}")
-        layers = [getattr(m, "base_layer", m) for _, m in targets]  # a peft LoRA layer: its base
-        specs = []
-        for (name, module), layer in zip(targets, layers):
-            try:
-                specs.append(layer_spec(name, layer))
-            except ValueError as exc:
-                raise ValueError(f"{exc} ({name} matches {config.target_modules!r})") from None
-            if any(name.startswith(other + ".") for other, _ in targets):
-                raise ValueError(f"{name} and a module around it both match {config.target_modules!r}")
-        self.module_names: tuple[str, ...] = tuple(n for n, _ in targets)
-        self.specs: tuple[LayerSpec, ...] = tuple(specs)
+        found = select_targets(unet, config.target_modules)
+        targets = [(t.name, t.module) for t in found]
+        layers = [t.layer for t in found]
+        self.module_names: tuple[str, ...] = tuple(t.name for t in found)
+        self.specs: tuple[LayerSpec, ...] = tuple(t.spec for t in found)
         k, r = config.num_sliders, config.rank
         gen = torch.Generator().manual_seed(config.seed)
         self.lora_A, self.lora_B = nn.ParameterList(), nn.ParameterList()
-        for spec, layer in zip(specs, layers):
+        for spec, layer in zip(self.specs, layers):
             std_a = config.init_a_std or spec.fan_in ** -0.5
             a = torch.randn(k, *spec.a_shape(r), generator=gen) * std_a
             b = torch.randn(k, spec.out_features, r, generator=gen) * config.init_b_std

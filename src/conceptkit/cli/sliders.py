@@ -59,7 +59,7 @@ def train(
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
     encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (from the local cache) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
-    targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
+    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
     train_steps: Annotated[int, typer.Option("--train-steps", help="Optimiser steps (all sliders train in each).")] = 100,
     pairs: Annotated[int, typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders.")] = 2,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
@@ -69,7 +69,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
-    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format to this folder (for ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts).", show_default=False)] = None,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -92,6 +92,12 @@ def train(
 
         device = str(PartialState().device)
     loaded = load(model, device, dtype, config)
+    from conceptkit.slider_layers import select_targets
+
+    try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
+        select_targets(loaded.pipe.unet, targets)
+    except ValueError as exc:
+        raise UsageError(f"--targets {targets!r}: {exc}") from None
     with ui.progress("sliders", unit="steps", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
         sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
     if rank != 0:  # one report per launch, from the main process
@@ -157,10 +163,10 @@ def rename(
 def export(
     name: Annotated[str, typer.Argument(help="Set name.")],
     folder: Annotated[Path, typer.Argument(help="Output folder.")],
-    format: Annotated[str, typer.Option("--format", help="kohya (lora_unet_... keys, for ComfyUI / AUTOMATIC1111).")] = "kohya",
+    format: Annotated[str, typer.Option("--format", help="kohya: lora_unet_... keys with alpha and an ss_/modelspec header, which ComfyUI, AUTOMATIC1111, Forge, diffusers and kohya sd-scripts load (LDM names for SDXL).")] = "kohya",
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a set's sliders in kohya format."""
+    """Write a set's sliders in kohya format, the file every other tool loads."""
     from conceptkit.slider_sets import export_kohya
 
     if format != "kohya":
