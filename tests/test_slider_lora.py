@@ -363,6 +363,38 @@ def test_export_matches_peft_including_negative_strengths(trained, loader):
         torch.testing.assert_close(run(plain, x, t, e), both, atol=1e-5, rtol=0)
 
 
+def test_files_of_format_1_load_with_the_same_effective_weights(trained, tmp_path):
+    """Files written before the scale was folded (B unscaled, alpha 3 in the header) load as before."""
+    import json
+
+    from safetensors.torch import save_file
+
+    unet, _, bank, _ = trained
+    names = list(bank.module_names)
+    state = {}
+    for i, n in enumerate(names):
+        state[f"unet.{n}.lora_A.weight"] = bank.lora_A[i][2].detach().clone()
+        state[f"unet.{n}.lora_B.weight"] = bank.lora_B[i][2].detach().clone()
+    config = {"r": 2, "lora_alpha": 3.0, "target_modules": sorted(names), "lora_dropout": 0.0, "bias": "none",
+              "use_dora": False, "use_rslora": False}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}),
+              "conceptkit_slider": json.dumps({"format": "conceptkit-slider-lora/1", "rank": 2, "alpha": 3.0,
+                                               "slider_index": 2, "modules": sorted(names)}), "label": "old"}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=header)
+    loaded = load_slider_file(tmp_path / "old.safetensors")
+    assert (loaded.factors.alpha, loaded.metadata) == (3.0, {"label": "old"})
+    x, t, e = inputs(2)
+    with bank.route(torch.tensor([2, 2]), torch.tensor([1.0, -0.5])):
+        want = run(unet, x, t, e)
+    fresh = tiny_unet()
+    other = install_sliders(fresh, SliderLoraConfig(num_sliders=1, rank=2, alpha=3.0))
+    other.load_slider(0, tmp_path / "old.safetensors")
+    for i in range(len(names)):  # the very same factors
+        assert torch.equal(other.lora_A[i][0], bank.lora_A[i][2]) and torch.equal(other.lora_B[i][0], bank.lora_B[i][2])
+    with other.route(torch.tensor([0, 0]), torch.tensor([1.0, -0.5])):
+        torch.testing.assert_close(run(fresh, x, t, e), want, atol=1e-6, rtol=0)
+
+
 def test_load_slider_file_into_another_slot(trained, tmp_path):
     unet, _, bank, paths = trained
     x, t, e = inputs(2)
