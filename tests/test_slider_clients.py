@@ -106,6 +106,27 @@ def test_every_client_maps_every_exported_key_to_a_weight_of_the_right_shape(une
         assert fits(tuple(down.shape), tuple(up.shape), tuple(unet.get_submodule(name).weight.shape)), name
 
 
+@pytest.mark.parametrize("name", ["tiny-sdxl", "random-sdxl"])
+def test_ldm_names_agree_with_the_checkpoint_writer_for_every_module(name):
+    """conceptkit's module-name map and tests/_ldm.py's checkpoint key map (read back by diffusers) agree."""
+    from _clients import module_weights
+    from diffusers import UNet2DConditionModel
+
+    from conceptkit.full_models import SDXL_UNET
+    from conceptkit.ldm_names import ldm_module_name
+    from conceptkit.tiny_models import build_tiny
+
+    if name == "tiny-sdxl":
+        unet = build_tiny(name).unet
+    else:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SDXL_UNET)
+    weights = module_weights(unet)
+    assert len(weights) > 100
+    for module, (ldm, _) in weights.items():
+        assert ldm_module_name(module) == ldm, module
+
+
 def test_sdxl_keys_use_the_ldm_names_sd_scripts_wants(tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -67,6 +67,7 @@ def ldm_module_name(module: str, layout: UnetLayout = SDXL) -> str:
         check(int(m[1]), 0, 1)
         return f"input_blocks.{1 + int(m[1]) * per + per - 1}.0.op"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", module):
+        check(0, int(m[1]), 2)  # resnet, transformer, resnet
         return f"middle_block.{2 * int(m[1])}.{_resnet(m[2], module)}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
         return f"middle_block.1.{m[1]}"
