@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from conceptkit.errors import UsageError
 
 FORMAT = "conceptkit-slider-lora/2"  # /1: B unscaled, alpha in the header (still read)
-CONCEPTKIT_KEY = "conceptkit_slider"  # header entry: JSON {format, rank, alpha, slider_index, modules}
+CONCEPTKIT_KEY = "conceptkit_slider"  # header entry: JSON {format, rank, alpha, trained_alpha, slider_index, modules}
 DIFFUSERS_KEY = "lora_adapter_metadata"  # header entry diffusers turns back into a LoraConfig
 RESERVED_KEYS = frozenset({"format", CONCEPTKIT_KEY, DIFFUSERS_KEY})
 
