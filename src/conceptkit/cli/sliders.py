@@ -38,6 +38,11 @@ sliders_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True,
 app.add_typer(sliders_app, name="sliders")
 
 
+def _warn(message: str) -> None:
+    """One warning line on stderr, never wrapped."""
+    ui.err.print(f"warning: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
 def _table(sset) -> None:
     ui.table(f"sliders {sset.name} ({sset.prompt!r}, {sset.manifest['model']['spec']}, {sset.manifest['encoder']})",
              ["index", "label", "explained variance", "effect size", "alignment"],
@@ -54,7 +59,7 @@ def train(
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
     encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
-    targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
+    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
@@ -64,7 +69,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
-    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format to this folder (for ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (defaults used, trajectories, steps, disk, estimated time) and stop.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
@@ -93,6 +98,12 @@ def train(
 
         device = str(PartialState().device)
     loaded = load(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
+    from conceptkit.slider_layers import select_targets
+
+    try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
+        select_targets(loaded.pipe.unet, targets)
+    except ValueError as exc:
+        raise UsageError(f"--targets {targets!r}: {exc}") from None
     profile = slider_defaults.for_model(loaded)
     values, from_profile = slider_defaults.resolve(profile, **given)
     cfg = settings(values)
@@ -108,7 +119,7 @@ def train(
         return
     doc = {**sset.to_json(), "defaults": defaults_doc}
     if export is not None:
-        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
+        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export, warn=_warn)]
     if json_out:
         ui.print_json(doc)
         return
@@ -192,15 +203,15 @@ def rename(
 def export(
     name: Annotated[str, typer.Argument(help="Set name.")],
     folder: Annotated[Path, typer.Argument(help="Output folder.")],
-    format: Annotated[str, typer.Option("--format", help="kohya (lora_unet_... keys, for ComfyUI / AUTOMATIC1111).")] = "kohya",
+    format: Annotated[str, typer.Option("--format", help="kohya: lora_unet_... keys with alpha and an ss_/modelspec header, which ComfyUI, AUTOMATIC1111, Forge, diffusers and kohya sd-scripts load (LDM names for SDXL).")] = "kohya",
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a set's sliders in kohya format."""
+    """Write a set's sliders in kohya format, the file every other tool loads."""
     from conceptkit.slider_sets import export_kohya
 
     if format != "kohya":
         raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")
-    paths = export_kohya(name, folder)
+    paths = export_kohya(name, folder, warn=_warn)
     if json_out:
         ui.print_json({"name": name, "files": [str(p) for p in paths]})
         return
