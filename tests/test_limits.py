@@ -149,3 +149,22 @@ def test_sigterm_stops_a_harvest_like_ctrl_c_and_a_rerun_resumes(tmp_path):
     done = subprocess.run([*args[:6], "8", "--steps", "4", "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["samples"] == 8
+
+
+def test_a_harvest_that_will_not_fit_on_the_disk_is_refused_before_sampling(monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from conceptkit import harvest
+    from conceptkit.errors import StoreError
+    from conceptkit.models import load_model
+
+    model = load_model("tiny-sd", device="cpu")
+    cfg = harvest.HarvestConfig(prompts=("a cat",), samples=64, steps=4)
+    need = __import__("conceptkit.capacity", fromlist=["x"]).harvest_bytes(model, cfg.resolved(model), 64)
+    assert need == 64 * 4 * 2 * (4 * 16 * 16) * 2  # trajectories x steps x (x0, x_t) x latent 4x16x16 x float16
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(need, need, need // 2))
+    with pytest.raises(StoreError, match="needs about .* on disk"):
+        harvest.run(model, cfg)
+    assert not list(Path(os.environ["CONCEPTKIT_HOME"]).rglob("shard-*"))

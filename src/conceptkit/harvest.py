@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from conceptkit import store
+from conceptkit import capacity, store
 from conceptkit.errors import StoreError, UsageError
 from conceptkit.models import LoadedModel
 
@@ -270,6 +270,8 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
         batches = _work(shard_ranges(art.path), cfg.samples, cfg.batch_size, rank, world)
         mine = sum(len(b) for b in batches)
         timesteps = art.manifest().get("timesteps") if art.exists() else None
+        if batches:
+            capacity.check_disk(art.path, capacity.harvest_bytes(model, cfg, mine), f"harvesting {mine} trajectories")
         if batches and rank == 0:
             # 2. the manifest first, so an interrupted artifact still says what it is
             art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps))

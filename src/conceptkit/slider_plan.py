@@ -70,7 +70,7 @@ def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: flo
     train_batch = pairs * (1 + (2 if symmetric else 1) * count)  # the slider-free rows and every slider and sign
     return Plan(
         trajectories=samples, steps=steps, guidance=guidance, latent_shape=shape,
-        harvest_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 2,
+        harvest_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 2,  # x0 and x_t, float16, every step
         sliders=count, train_steps=train_steps, pairs=pairs, batch=batch, unet_call_s=round(call, 4),
         harvest_s=round(-(-samples // batch) * steps * call, 1),
         # backward costs about twice a forward pass; decoding and embedding x0 are left out

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from conceptkit import store
+from conceptkit import capacity, store
 from conceptkit.errors import UsageError
 from conceptkit.slider_lora import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
 from conceptkit.slider_train import (
@@ -179,6 +179,8 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         say("harvesting")
         hcfg = harvest.HarvestConfig(prompts=(cfg.prompt,), samples=cfg.samples, steps=cfg.steps,
                                      guidance=cfg.guidance, seed=cfg.seed, record=("x0", "xt"))
+        # the PCA holds every recorded step of every trajectory in float32: refuse before sampling if it cannot
+        capacity.check_memory(2 * capacity.harvest_bytes(model, hcfg.resolved(model), cfg.samples), "the harvest for the PCA")
         hres = harvest.run(model, hcfg, on_wait=on_wait)
         h = harvest.load(hres.path, samples=cfg.samples)
         guidance = float(hres.manifest["settings"]["guidance"])
