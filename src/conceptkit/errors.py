@@ -36,6 +36,6 @@ class StoreError(ConceptkitError):
 class DamagedArtifactError(StoreError):
     """An artifact in the store is unreadable or malformed; the message names its path and the fix."""
 
-    def __init__(self, message: str, path=None, kind: str | None = None, key: str | None = None):
+    def __init__(self, message: str, *, problem: str = "", path=None, kind: str | None = None, key: str | None = None):
         super().__init__(message)
-        self.path, self.kind, self.key = path, kind, key
+        self.problem, self.path, self.kind, self.key = problem or message, path, kind, key

@@ -176,7 +176,7 @@ class Artifact:
     def damaged(self, problem: str) -> DamagedArtifactError:
         """The error for this artifact being unusable: what is wrong, where, and how to clear it."""
         return DamagedArtifactError(f"damaged {self.kind} artifact {self.path}: {problem}; {clear_hint(self.kind, self.key)}",
-                                    path=self.path, kind=self.kind, key=self.key)
+                                    problem=problem, path=self.path, kind=self.kind, key=self.key)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest, checked against its kind's schema (`DamagedArtifactError` if it fails)."""
@@ -315,7 +315,7 @@ def heal(art: Artifact, say=None) -> bool:
         if KINDS[art.kind] != "cache":
             raise
         if say is not None:
-            say(f"{exc.args[0].split(';')[0]}; recomputing it")
+            say(f"damaged {art.kind} artifact {art.path}: {exc.problem}; recomputing it")
         remove_tree(art.path)
         return True
 
