@@ -190,8 +190,16 @@ def save(key: str, doc: dict[str, Any], arrays: dict[str, np.ndarray], on_wait=N
 
 
 def load_arrays(doc: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The arrays of an evaluation, by name (no pickles)."""
-    return {name: np.load(path, allow_pickle=False) for name, path in doc["arrays"].items()}
+    """The arrays of an evaluation, by name (no pickles), read from its own artifact folder only."""
+    art = store.artifact("evaluate", doc["key"])
+    out = {}
+    for name in doc["arrays"]:
+        path = art.file(f"{name}.npy", "array")
+        try:
+            out[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise art.damaged(f"array {path.name} does not read ({exc})") from exc
+    return out
 
 
 def public(doc: dict[str, Any], cached_: bool, seconds: float) -> dict[str, Any]:

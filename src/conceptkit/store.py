@@ -274,8 +274,9 @@ class Artifact:
 
 
 def inside(folder: Path, name: str, what: str = "file") -> Path:
-    """`folder / name` for a plain `name`, refused (`UsageError`) if it is not one or resolves outside `folder`."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    """`folder / name` for a plain file name; refused (`UsageError`) if `name` holds a folder part
+    or the path resolves (through links) outside `folder`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise UsageError(f"{what} {name!r} is not a plain file name; refusing to use it")
     path = Path(folder) / name
     if not path.resolve().is_relative_to(Path(folder).resolve()):

@@ -183,7 +183,8 @@ SCHEMAS = {
     }),
     "sliders": Schema("sliders", {
         "name": (name, True), "prompt": (text, True), "model": (MODEL, True), "encoder": (text, True),
-        "settings": (mapping, True), "settings_key": (text, False), "harvest": (text, False),
+        "settings": (record({"rank": (integer(1), True), "alpha": (number, True), "targets": (text, True)}), True),
+        "settings_key": (text, False), "harvest": (text, False),
         "guidance": (number, False), "steps": (integer(1), False), "height": (integer(1), False),
         "width": (integer(1), False), "start": (number, False), "label_method": (text, False),
         "loss": (map_of(optional_number), False), "directions": (list_of(list_of(number)), False),
