@@ -116,8 +116,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # after the write: some writers replace the file
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)

@@ -62,7 +62,7 @@ def info(art: Artifact) -> ArtifactInfo:
             pass  # no manifest yet: a first write in progress or interrupted (incomplete, not damaged)
         except DamagedArtifactError as exc:
             damaged = exc.problem
-    prompts = m.get("prompts") or [m.get("prompt", "")]
+    prompts = m.get("prompts") or [m.get("prompt") or ""]
     try:
         mtime = art.path.lstat().st_mtime
     except OSError:
@@ -126,7 +126,8 @@ def _npy_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            shape, _, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 - the header alone
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
             start = fh.tell()
     except (OSError, ValueError) as exc:
         return f"{path.name} is not a readable .npy file ({exc})"

@@ -148,7 +148,7 @@ MODEL = record({"spec": (text, True), "fingerprint": (text, False), "arch": (tex
 COMMON: dict[str, tuple[Check, bool]] = {
     "kind": (text, False), "key": (text, False), "conceptkit_version": (text, False), "schema": (integer(1), False),
     "created": (number, False), "updated": (number, False), "complete": (boolean, False),
-    "prompts": (list_of(text), False), "prompt": (text, False), "seconds": (optional_number, False),
+    "prompts": (list_of(text), False), "prompt": (nullable(text), False), "seconds": (optional_number, False),
 }
 SIZE = record({"height": (integer(1), False), "width": (integer(1), False), "guidance": (number, False),
                "steps": (integer(1), False), "seed": (integer(-(2**63)), False)})
