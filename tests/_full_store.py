@@ -42,15 +42,15 @@ def full_store(tmp_path_factory):
         _json(invoke("evaluate", "images", images, "--encoder", "pixel", "--json"))
         sset = _json(invoke("sliders", "a red circle", "-m", "tiny-sd", "--count", "2", "--samples", "2", "--steps", "2",
                             "--train-steps", "2", "--encoder", "pixel", "--json"))
-    return home, cluster, sset
+    return home, cluster, sset, images
 
 
 @pytest.fixture
 def store_copy(full_store):
     """This test's own copy of the full store (the autouse fixture points CONCEPTKIT_HOME at it)."""
-    home, cluster, sset = full_store
+    home, cluster, sset, images = full_store
     shutil.copytree(home, os.environ["CONCEPTKIT_HOME"], symlinks=True)
-    return cluster, sset
+    return cluster, sset, images
 
 
 def _only(kind: str) -> store.Artifact:

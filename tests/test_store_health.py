@@ -74,8 +74,21 @@ def test_a_command_recomputes_a_damaged_cache_and_says_so(store_copy):
     assert json.loads(r.stdout)["computed"] == 2
 
 
+@pytest.mark.parametrize("kind", ["neurons", "evaluate"])
+def test_cluster_and_evaluate_recompute_a_damaged_cache_and_say_so(store_copy, kind):
+    art = _only(kind)
+    _edit_manifest(art, lambda m: {**m, "created": None})
+    if kind == "neurons":
+        r = invoke("cluster", "a red circle", *TINY, "--k", "2", "--temporal-dim", "1", "--json")
+    else:
+        r = invoke("evaluate", "images", store_copy[2], "--encoder", "pixel", "--json")
+    assert r.exit_code == 0, r.output
+    assert f"damaged {kind} artifact {art.path}" in r.stderr and "recomputing it" in r.stderr
+    art.manifest()  # sound again
+
+
 def test_a_damaged_slider_set_is_named_with_its_path_and_the_fix(store_copy):
-    _, sset = store_copy
+    _, sset, _ = store_copy
     art = store.artifact("sliders", sset["name"])
     _edit_manifest(art, lambda m: {**m, "sliders": "none"})
     for args in (["sliders", "show", sset["name"]], ["generate", "a red circle", "-m", "tiny-sd", "--slider", f"{sset['name']}/0=1"]):

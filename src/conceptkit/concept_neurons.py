@@ -326,6 +326,7 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
     # 4. every missing timestep, one atomic file each
     computed = 0
     with art.lock(on_wait=on_wait):
+        store.heal(art, on_wait)  # a damaged manifest: computed again
         todo = [s for s in range(len(timesteps)) if not (art.path / _step_name(s)).is_file()]
         blocks = art.manifest().get("blocks") if art.exists() else None
         if progress:
