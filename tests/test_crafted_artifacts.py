@@ -43,6 +43,20 @@ def test_a_slider_file_outside_the_set_is_never_rewritten(store_copy, tmp_path):
     assert outside.read_bytes() == before
 
 
+def test_a_pickle_in_place_of_a_slider_file_is_refused_never_loaded(store_copy, monkeypatch):
+    art = _set(store_copy)
+    torch.save({"unet.x.lora_A.weight": torch.zeros(1, 4)}, art.path / "slider-00.safetensors")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for args in (["sliders", "rename", art.key, "0", "wobble"],
+                 ["generate", "a red circle", "-m", "tiny-sd", "--steps", "1", "--count", "1", "--slider", f"{art.key}/0=1"]):
+        assert "never loaded" in one_line_error(invoke(*args))
+    assert invoke("cache", "verify").exit_code == 1
+
+
 def test_a_set_name_with_dots_in_its_manifest_writes_no_export_above_the_folder(store_copy, tmp_path):
     art = _set(store_copy)
     _edit_manifest(art, lambda m: {**m, "name": "../../escaped"})

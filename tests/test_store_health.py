@@ -87,6 +87,17 @@ def test_cluster_and_evaluate_recompute_a_damaged_cache_and_say_so(store_copy, k
     art.manifest()  # sound again
 
 
+def test_a_truncated_neurons_step_is_reported_and_recomputed(store_copy):
+    art = _only("neurons")
+    step = art.path / "step-0000.safetensors"
+    step.write_bytes(step.read_bytes()[:-100])
+    r = invoke("cache", "verify", "--json")
+    assert r.exit_code == 1 and "truncated" in json.loads(r.stdout)["damaged"][0]["problems"][0]
+    r = invoke("cluster", "a red circle", *TINY, "--k", "2", "--temporal-dim", "1", "--json")
+    assert r.exit_code == 0 and "step-0000.safetensors is truncated" in r.stderr and "recomputing it" in r.stderr
+    assert _json(invoke("cache", "verify", "--json"))["damaged"] == []
+
+
 def test_a_damaged_slider_set_is_named_with_its_path_and_the_fix(store_copy):
     _, sset, _ = store_copy
     art = store.artifact("sliders", sset["name"])

@@ -90,7 +90,16 @@ def save_slider_file(factors: SliderFactors, path: str | Path, metadata: Mapping
 def load_slider_file(path: str | Path) -> LoadedSlider:
     """Read a slider written by `save_slider_file` (or any diffusers/peft LoRA safetensors file
     with `lora_A`/`lora_B` keys, `unet.` prefix optional). Safetensors only, never pickle."""
+    from conceptkit.tensor_files import FLOATS, BadTensorFile, read_header
+
     path = Path(path)
+    try:
+        checked = read_header(path)  # a pickle or a truncated file is refused before anything is read
+    except BadTensorFile as exc:
+        raise UsageError(f"cannot read slider file {path}: {exc}") from exc
+    odd = [k for k, t in checked.tensors.items() if t.dtype not in FLOATS or len(t.shape) != 2]
+    if odd:
+        raise UsageError(f"{path}: tensor {odd[0]!r} is not a 2-d float matrix; not a LoRA slider file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
@@ -109,9 +118,16 @@ def load_slider_file(path: str | Path) -> LoadedSlider:
     if not lora_a or set(lora_a) != set(lora_b):
         raise UsageError(f"{path}: lora_A and lora_B keys do not pair up")
     rank = next(iter(lora_a.values())).shape[0]
-    ours = json.loads(header.get(CONCEPTKIT_KEY, "{}"))
-    config = {k.removeprefix("unet."): v for k, v in json.loads(header.get(DIFFUSERS_KEY, "{}")).items()}
-    alpha = float(ours.get("alpha", config.get("lora_alpha", rank)))  # diffusers: no alpha -> r
+    if any(a.shape[0] != rank or lora_b[n].shape[1] != rank for n, a in lora_a.items()):
+        raise UsageError(f"{path}: the lora_A / lora_B ranks do not agree")
+    try:
+        ours = json.loads(header.get(CONCEPTKIT_KEY, "{}"))
+        config = {k.removeprefix("unet."): v for k, v in json.loads(header.get(DIFFUSERS_KEY, "{}")).items()}
+        alpha = float(ours.get("alpha", config.get("lora_alpha", rank)))  # diffusers: no alpha -> r
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{path}: malformed {CONCEPTKIT_KEY} / {DIFFUSERS_KEY} header entry ({exc})") from exc
+    if not (alpha > 0 and alpha < float("inf")):
+        raise UsageError(f"{path}: LoRA alpha {alpha} is not a positive number")
     factors = SliderFactors(lora_a, lora_b, rank=int(rank), alpha=alpha)
     return LoadedSlider(factors, {k: v for k, v in header.items() if k not in RESERVED_KEYS})
 

@@ -94,6 +94,20 @@ def read_header(path: Path) -> Header:
     return Header(tensors, meta)
 
 
+def tensor_problem(path: Path, wanted: dict[str, int]) -> str | None:
+    """What is wrong with safetensors file `path` given the tensors it must hold (name -> number of
+    dimensions, float), or None when its header is sound."""
+    try:
+        tensors = read_header(path).tensors
+    except BadTensorFile as exc:
+        return str(exc)
+    for name, dims in wanted.items():
+        spec = tensors.get(name)
+        if spec is None or len(spec.shape) != dims or spec.dtype not in FLOATS:
+            return f"{Path(path).name}: {name} is {'missing' if spec is None else f'{spec.dtype} {list(spec.shape)}'}, expected a {dims}-d float tensor"
+    return None
+
+
 def sha256(path: Path) -> str:
     """The file's sha256, hex."""
     with open(path, "rb") as fh:
