@@ -236,7 +236,8 @@ class Artifact:
                 raise StoreError(f"{self.kind} {self.key} is locked by {self.holder()}") from exc
         try:
             command = " ".join(["conceptkit", *sys.argv[1:3]]) if sys.argv else "conceptkit"
-            self._holder_path.write_text(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+            with contextlib.suppress(OSError):  # advisory only: a full disk must not stop the work here
+                self._holder_path.write_text(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
             self.sweep_temporary()
             yield
         finally:
