@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +106,11 @@ def test_a_damaged_slider_set_is_named_with_its_path_and_the_fix(store_copy):
         assert str(art.path) in line and f"cache clear {sset['name']} --kind sliders" in line
     r = invoke("sliders", "list", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout) == [] and str(art.path) in r.stderr
+    train = ["sliders", "a red circle", "-m", "tiny-sd", "--count", "2", "--samples", "2", "--steps", "2",
+             "--train-steps", "2", "--encoder", "pixel", "--json"]
+    assert str(art.path) in one_line_error(invoke(*train))  # never replaced without asking
+    assert _json(invoke(*train, "--overwrite"))["name"] == sset["name"]
+    art.manifest()
 
 
 # ---------------------------------------------------------------- shards and tensor files

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from conceptkit import store
-from conceptkit.errors import UsageError
+from conceptkit.errors import DamagedArtifactError, UsageError
 from conceptkit.slider_lora import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
 from conceptkit.slider_train import (
     PairSource,
@@ -161,7 +161,12 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
     with guard:
         # 0. a set of that name: the same settings are done; others need --overwrite
         if art.exists():
-            m = art.manifest()
+            try:
+                m = art.manifest()
+            except DamagedArtifactError:
+                if not cfg.overwrite:
+                    raise  # names the set's path and the command that clears it
+                m = {}  # --overwrite replaces a damaged set like any other
             if m.get("settings_key") == key:
                 _drop_finished_work(art, key, rank)
                 return from_manifest(art.path, m, cached=True, seconds=time.perf_counter() - started)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from conceptkit import __version__
 from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError, StoreError, UsageError
-from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest, model_spec
+from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest
 
 APP = "conceptkit"
 MANIFEST = "manifest.json"
