@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit import harvest, harvest_shards, store, store_admin
-from conceptkit.errors import DamagedArtifactError
+from conceptkit.errors import DamagedArtifactError, StoreError
 from conceptkit.tensor_files import BadTensorFile, read_header
 from _cli import one_line_error
 from _full_store import TINY, _edit_manifest, _json, _only, full_store, invoke, store_copy  # noqa: F401 - fixtures
@@ -41,6 +41,24 @@ def test_manifests_written_before_schemas_still_read(store_copy):
     _edit_manifest(art, lambda m: {k: v for k, v in m.items() if k not in ("schema", "checksums")})
     assert harvest.load(art.path).x0.shape[0] == 2
     assert _json(invoke("cache", "verify", "--json"))["damaged"] == []
+
+
+def test_one_schema_serves_writer_and_reader():
+    from conceptkit.store_schema import check_manifest
+
+    cluster = {"neurons": "abcd1234", "k": 2, "temporal_dim": 1}
+    assert check_manifest("cluster", {**cluster, "model": "tiny-sd"}) == []  # what the first writers wrote
+    assert check_manifest("cluster", {**cluster, "model": {"spec": "tiny-sd"}}) == []
+    assert check_manifest("cluster", {**cluster, "model": "tiny-sd", "neurons": "../x"}) != []
+    sliders = {"name": "s", "prompt": "p", "model": {"spec": "m"}, "encoder": "pixel",
+               "settings": {"rank": 1, "alpha": 1.0, "targets": "t"},
+               "sliders": [{"index": 0, "label": "red", "file": "slider-00.safetensors", "explained_variance": 0.5},
+                           {"index": 1, "label": "Red", "file": "slider-01.safetensors", "explained_variance": 0.2}]}
+    assert check_manifest("sliders", sliders) == ["slider labels are not unique"]
+    with pytest.raises(StoreError, match="refusing to write an invalid cluster manifest"):
+        store.artifact("cluster", "abcd1234").write_manifest({"model": "tiny-sd", "k": "two", "temporal_dim": 1,
+                                                             "neurons": "ffff0000"})
+    assert not store.artifact("cluster", "abcd1234").exists()
 
 
 @pytest.mark.parametrize("kind", ["harvest", "neurons", "cluster", "evaluate", "sliders"])
