@@ -172,7 +172,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
                          f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
     encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
     key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec))
-    hit = evaluation.cached(key)
+    hit = evaluation.cached(key, on_wait)
     if hit is not None:
         if "diversity_ratio_ci" not in hit:  # cached before the intervals existed: they come from its saved arrays
             arr = evaluation.load_arrays(hit)

@@ -87,13 +87,14 @@ class ClipEncoder(ImageEncoder):
         from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
         self.spec, self.toy = spec, toy
+        check_weights(folder, spec)
         config = _load_config(folder, spec)
         if isinstance(config, CLIPConfig) or getattr(config, "model_type", "") == "clip":
-            self.model = CLIPModel.from_pretrained(folder)
+            self.model = CLIPModel.from_pretrained(folder, use_safetensors=True)
             vision = self.model.config.vision_config
             self.dim = self.model.config.projection_dim
         else:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(folder)
+            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
             vision = self.model.config
             self.dim = vision.projection_dim
         self.size = int(vision.image_size)
@@ -142,7 +143,8 @@ class Dinov2Encoder(ImageEncoder):
         from transformers import Dinov2Model
 
         self.spec = spec
-        self.model = Dinov2Model.from_pretrained(folder)
+        check_weights(folder, spec)
+        self.model = Dinov2Model.from_pretrained(folder, use_safetensors=True)
         self.dim = int(self.model.config.hidden_size)
         patch = int(self.model.config.patch_size)
         self.size = max(patch, (int(self.model.config.image_size) // patch) * patch)
@@ -151,6 +153,16 @@ class Dinov2Encoder(ImageEncoder):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = _resize(images, self.size, IMAGENET_MEAN, IMAGENET_STD)
         return F.normalize(self.model(pixel_values=x).last_hidden_state[:, 0].float(), dim=-1)
+
+
+def check_weights(folder: str, spec: str) -> None:
+    """Refuse an encoder folder whose weights are pickles only (.bin, .pt, .ckpt): never loaded."""
+    from conceptkit.tensor_files import pickle_weights
+
+    path = Path(folder)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (pickled := pickle_weights(path)):
+        raise UsageError(f"--encoder {spec}: {pickled[0]} is a pickled weights file; conceptkit loads only .safetensors "
+                         f"weights (convert it, e.g. save_pretrained(..., safe_serialization=True))")
 
 
 def _load_config(folder: str, spec: str):
@@ -215,6 +227,8 @@ def check_spec(spec: str) -> str:
     elif not (spec == "auto" or kind in ("pixel", "toy") or (kind in ("clip", "dinov2") and arg)):
         raise UsageError(f"unknown --encoder {spec!r}; use auto, pixel, pixel:<side>, toy, clip:<id or folder> "
                          f"or dinov2:<id or folder>")
+    if kind in ("clip", "dinov2", "toy") and arg and Path(arg).expanduser().is_dir():
+        check_weights(str(Path(arg).expanduser()), spec)  # pickled weights are refused before any work
     return spec
 
 

@@ -24,7 +24,7 @@ import torch
 
 from conceptkit import store
 from conceptkit.errors import UsageError
-from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for
+from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for, slider_path
 from conceptkit.sliders import SliderInfo, SliderSet
 
 SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
@@ -135,7 +135,7 @@ class SliderModification:
             bank = install_sliders(unet, SliderLoraConfig(len(used), rank=int(st["rank"]), alpha=float(st["alpha"]),
                                                           target_modules=st["targets"]))
             for slot, index in enumerate(used):
-                bank.load_slider(slot, sset.path / sset.sliders[index].file)
+                bank.load_slider(slot, slider_path(sset, sset.sliders[index]))
                 self.slots[(name, index)] = (name, slot)
             self.banks[name] = bank
         self.cfg_batches = cfg_batches
@@ -326,7 +326,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
             settings = {**common, "seeds": seeds, "sliders": _describe(base_scales, chosen),
                         "sweep": {"set": swept[0].name, "label": swept[1].label, "index": swept[1].index,
                                   "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
-            path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
+            path = store.inside(out, f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png", "--sweep grid")
             labels = [f"{v:+g}" for v in sweep.strengths]
             _png(_with_column_labels(_grid(grid, len(seeds), len(sweep.strengths)), labels, grid.shape[-1]), path, settings)
             files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep", "subconcepts") if k in settings}})
@@ -346,7 +346,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                 for seed, img, sc in zip(chunk, images, per_image[i:i + len(chunk)]):
                     settings = {**common, "seed": seed, "sliders": _describe(sc, chosen),
                                 **({"random_sliders": cfg.random_sliders} if cfg.random_sliders else {})}
-                    path = out / f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png"
+                    path = store.inside(out, f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png", "image")
                     _png(img, path, settings)
                     files.append({"path": str(path), "seed": seed, "sliders": settings["sliders"],
                                   **({"subconcepts": settings["subconcepts"]} if specs else {})})
@@ -379,7 +379,8 @@ def _subconcept_grid(model, cfg: GenerateConfig, steps: int, guidance: float, id
                 "seeds": seeds, "subconcept_grid": {"key": sub.key, "mode": spec.mode, "k": sub.k,
                                                     "rows": ["unmodified"] + [f"sub-concept {c}" for c in range(sub.k)],
                                                     "columns": "seeds"}}
-    path = Path(cfg.out) / f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png"
+    path = store.inside(Path(cfg.out), f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png",
+                        "--subconcept-grid image")
     _png(_grid(torch.cat(rows), sub.k + 1, len(seeds)), path, settings)
     return GenerateResult([{"path": str(path), "seeds": seeds, "subconcept_grid": settings["subconcept_grid"]}], Path(cfg.out))
 

@@ -106,7 +106,16 @@ def save_slider_file(factors: SliderFactors, path: str | Path, metadata: Mapping
 def load_slider_file(path: str | Path) -> LoadedSlider:
     """Read a slider written by `save_slider_file` (or any diffusers/peft LoRA safetensors file
     with `lora_A`/`lora_B` keys, `unet.` prefix optional). Safetensors only, never pickle."""
+    from conceptkit.tensor_files import FLOATS, BadTensorFile, read_header
+
     path = Path(path)
+    try:
+        checked = read_header(path)  # a pickle or a truncated file is refused before anything is read
+    except BadTensorFile as exc:
+        raise UsageError(f"cannot read slider file {path}: {exc}") from exc
+    odd = [k for k, t in checked.tensors.items() if t.dtype not in FLOATS or len(t.shape) not in (2, 4)]
+    if odd:
+        raise UsageError(f"{path}: tensor {odd[0]!r} is not a 2-d (linear) or 4-d (conv) float tensor; not a LoRA slider file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = dict(f.metadata() or {})
@@ -150,3 +159,5 @@ def check_factors(factors: SliderFactors, where: str) -> None:
             raise UsageError(f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B "
                              f"{None if b is None else tuple(b.shape)}; want (r, in) / (out, r) or "
                              f"(r, in, kh, kw) / (out, r, 1, 1) with r = {r}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise UsageError(f"{where}: {name} holds NaN or infinite values; the file is damaged")

@@ -28,7 +28,8 @@ err = _console()
 
 
 def info(message: str) -> None:
-    err.print(message)
+    """One line of chatter, as is: no markup read from it (paths and names may hold brackets), no wrapping."""
+    err.print(message, markup=False, soft_wrap=True)
 
 
 def error(message: str) -> None:

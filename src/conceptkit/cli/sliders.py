@@ -155,10 +155,12 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) 
 @sliders_app.command("list")
 @command
 def list_(json_out: JsonOpt = False) -> None:
-    """List the slider sets in the store."""
-    from conceptkit.slider_sets import list_sets
+    """List the slider sets in the store (damaged ones on stderr, with their path)."""
+    from conceptkit.slider_sets import damaged_sets, list_sets
 
     sets = list_sets()
+    for exc in damaged_sets():
+        ui.info(str(exc))
     if json_out:
         ui.print_json([{"name": s.name, "path": str(s.path), "prompt": s.prompt, "model": s.manifest["model"]["spec"],
                         "encoder": s.manifest["encoder"], "sliders": len(s.sliders)} for s in sets])
