@@ -72,3 +72,15 @@ def test_a_full_disk_leaves_no_empty_key_or_work_folder(tiny, monkeypatch):
     with pytest.raises(StoreError, match="No space left"):
         run(tiny, SlidersConfig("a cone", **CFG, train=TrainSettings(steps=2)), stage=disk_fills_at_training)
     assert [p.name for p in store.kind_dir("sliders").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_training_also_checkpoints_by_time_so_a_kill_loses_at_most_about_a_minute(tiny, monkeypatch):
+    from conceptkit import slider_train
+    from conceptkit.sliders import SlidersConfig, run
+
+    saved = []
+    real = slider_train.save_checkpoint
+    monkeypatch.setattr(slider_train, "CHECKPOINT_EVERY_S", 0.0)  # every step is a minute later
+    monkeypatch.setattr(slider_train, "save_checkpoint", lambda path, bank, opt, step, *a, **k: (saved.append(step), real(path, bank, opt, step, *a, **k)))
+    run(tiny, SlidersConfig("a sphere", **CFG, train=TrainSettings(steps=4)))
+    assert saved == [1, 2, 3]  # far below CHECKPOINT_EVERY steps; none after the last step (the set is written)

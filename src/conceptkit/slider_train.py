@@ -10,6 +10,8 @@ prediction of the b pairs is computed once and shared by the K sliders.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from conceptkit.slider_lora import SliderBank
 
 Progress = Callable[..., None]
 CHECKPOINT_EVERY = 25  # optimiser steps between training checkpoints
+CHECKPOINT_EVERY_S = 60.0  # ... or wall seconds, whichever comes first: a kill loses at most about a minute
 
 
 # ---------------------------------------------------------------- maths on arrays
@@ -303,6 +306,7 @@ def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditionin
     back from the checkpoint; of the share: the K-slider loss is the sum over the shares).
     """
     every = checkpoint_every or CHECKPOINT_EVERY
+    last_save = time.monotonic()
     opt = torch.optim.AdamW(bank.parameters(), lr=settings.lr, weight_decay=0.0)
     losses: list[float] = []
     first = load_checkpoint(checkpoint, bank, opt, key, losses) if checkpoint is not None else 0
@@ -313,7 +317,9 @@ def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditionin
         loss = train_step(model, bank, encoder, pairs, cond, guidance, directions, settings, step, sliders=sliders)
         opt.step()
         losses.append(float(loss))
-        if checkpoint is not None and ((step + 1) % every == 0) and step + 1 < settings.steps:
+        due = (step + 1) % every == 0 or time.monotonic() - last_save >= CHECKPOINT_EVERY_S
+        if checkpoint is not None and due and step + 1 < settings.steps:
+            last_save = time.monotonic()
             save_checkpoint(checkpoint, bank, opt, step + 1, key, losses if len(losses) == step + 1 else None)
         if progress:
             recent = losses[-10:]
