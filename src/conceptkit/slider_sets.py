@@ -84,7 +84,9 @@ def export_kohya(name: str, folder: Path) -> list[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export folder {folder} is a file")
-    return [write(sset.path / s.file, folder / f"{sset.name}-{s.index:02d}-{store.slugify(s.label)}.safetensors")
+    from conceptkit.infotext import slider_lora_name
+
+    return [write(sset.path / s.file, folder / f"{slider_lora_name(sset.name, s.index, s.label)}.safetensors")
             for s in sset.sliders]
 
 
