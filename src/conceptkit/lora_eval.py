@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,12 @@ class LoraFileSet:
 
 def is_lora_file(text: str) -> bool:
     """Whether `evaluate sliders` got a LoRA file rather than a set name."""
-    return text.strip().lower().endswith(".safetensors") or "/" in text or "\\" in text
+    return re.search(r"\.safetensors(:[^/\\]*)?$", text.strip(), re.IGNORECASE) is not None
 
 
 def precheck(text: str, prompt: str | None, like: str | None, start: float | None) -> None:
     """What can be refused before a model loads: the file, a missing prompt, the start."""
-    parse_lora(text)
+    parse_lora(text, "LoRA file")
     if prompt is None and like is None:
         raise UsageError("--prompt: a LoRA file carries no prompt; give the concept it slides (--prompt 'a person') "
                          "or a set to compare with (--like SET)")
@@ -89,10 +90,10 @@ def settings_for(model, like, prompt: str | None, steps: int | None, guidance: f
 
 def lora_file_set(model, text: str, settings: LoraEvalSettings) -> LoraFileSet:
     """Check `text` (a .safetensors path) against `model` and wrap it for the evaluation."""
-    spec = parse_lora(text)
+    spec = parse_lora(text, "LoRA file")
     if spec.scale != 1.0:
         raise UsageError(f"{text!r}: give the file without :SCALE; --effect-strength and --scale set the strengths")
-    checked = inspect_lora(model.pipe, spec)
+    checked = inspect_lora(model.pipe, spec, "LoRA file")
     if checked.text_encoder_keys:
         raise UsageError(f"{spec.path}: it also changes the text encoder ({checked.text_encoder_keys} tensors); "
                          "evaluate sliders gives each image its own strength, which only UNet LoRAs allow")

@@ -36,8 +36,8 @@ class LoraSpec:
     scale: float = 1.0  # strength; 0 = the base model
 
 
-def parse_lora(text: str) -> LoraSpec:
-    """`FILE[:SCALE]`: the file must exist and end in .safetensors, SCALE must be finite (default 1)."""
+def parse_lora(text: str, what: str = "--lora") -> LoraSpec:
+    """`FILE[:SCALE]`: the file must exist and end in .safetensors, SCALE must be finite (default 1); `what` names it in errors."""
     raw = text.strip()
     head, sep, tail = raw.rpartition(":")
     scale = 1.0
@@ -45,15 +45,15 @@ def parse_lora(text: str) -> LoraSpec:
         try:
             scale = float(tail)
         except ValueError:
-            raise UsageError(f"--lora {text!r}: scale {tail!r} is not a number; write FILE[:SCALE], e.g. age.safetensors:1.5") from None
+            raise UsageError(f"{what} {text!r}: scale {tail!r} is not a number; write FILE[:SCALE], e.g. age.safetensors:1.5") from None
         raw = head
     if not math.isfinite(scale):
-        raise UsageError(f"--lora {text!r}: scale must be finite (got {scale})")
+        raise UsageError(f"{what} {text!r}: scale must be finite (got {scale})")
     path = Path(raw).expanduser()
     if path.suffix.lower() != ".safetensors":
-        raise UsageError(f"--lora {text!r}: only .safetensors LoRA files are read (never pickles); got {path.name!r}")
+        raise UsageError(f"{what} {text!r}: only .safetensors LoRA files are read (never pickles); got {path.name!r}")
     if not path.is_file():
-        raise UsageError(f"--lora {text!r}: no such file {path}")
+        raise UsageError(f"{what} {text!r}: no such file {path}")
     return LoraSpec(path, scale)
 
 
@@ -78,7 +78,7 @@ class LoraFile:
                 "scale": round(float(scale), 6), "modules": len(self.unet_modules)}
 
 
-def inspect_lora(pipe, spec: LoraSpec) -> LoraFile:
+def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
     """Check `spec.path` against `pipe` without changing it: readable, a LoRA, every UNet key a UNet module of the right shape."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import safe_open
@@ -88,23 +88,23 @@ def inspect_lora(pipe, spec: LoraSpec) -> LoraFile:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises several types for a bad file
-        raise UsageError(f"--lora {path}: cannot read it as safetensors: {exc}") from exc
+        raise UsageError(f"{what} {path}: cannot read it as safetensors: {exc}") from exc
     kohya = any(k.startswith("lora_unet_") for k in keys)
     if not kohya and not any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "lora_down" in k for k in keys):
-        raise UsageError(f"--lora {path}: no LoRA keys (lora_unet_..., lora_A/lora_B); first key {keys[0] if keys else 'none'!r}")
+        raise UsageError(f"{what} {path}: no LoRA keys (lora_unet_..., lora_A/lora_B); first key {keys[0] if keys else 'none'!r}")
     try:
         state, _alphas = pipe.lora_state_dict(str(path))
     except Exception as exc:  # diffusers' converter raises ValueError/KeyError on what it cannot map
-        raise UsageError(f"--lora {path}: diffusers cannot convert it: {str(exc).splitlines()[0][:200]}") from exc
+        raise UsageError(f"{what} {path}: diffusers cannot convert it: {str(exc).splitlines()[0][:200]}") from exc
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     text_keys = sum(1 for k in state if k.startswith(("text_encoder.", "text_encoder_2.")))
     other = [k for k in state if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
     if other and not unet_state:  # diffusers left it unprefixed: a bare peft/diffusers UNet dict
         unet_state, other = dict(state), []
     if other:
-        raise UsageError(f"--lora {path}: key {other[0]!r} belongs to neither the UNet nor a text encoder")
+        raise UsageError(f"{what} {path}: key {other[0]!r} belongs to neither the UNet nor a text encoder")
     if not unet_state:
-        raise UsageError(f"--lora {path}: no UNet keys (it only changes the text encoder); conceptkit applies UNet LoRAs")
+        raise UsageError(f"{what} {path}: no UNet keys (it only changes the text encoder); conceptkit applies UNet LoRAs")
     peft = convert_unet_state_dict_to_peft(unet_state)
     modules = dict(pipe.unet.named_modules())
     names, rank = [], 0
@@ -114,13 +114,13 @@ def inspect_lora(pipe, spec: LoraSpec) -> LoraFile:
         name = key.split(".lora_A.")[0]
         module = getattr(modules.get(name), "base_layer", modules.get(name))
         if module is None:
-            raise UsageError(f"--lora {path}: key {key!r} matches no module of this {type(pipe.unet).__name__} "
+            raise UsageError(f"{what} {path}: key {key!r} matches no module of this {type(pipe.unet).__name__} "
                              "(a LoRA for another architecture?)")
         b = peft.get(key.replace(".lora_A.", ".lora_B."))
         want_in = getattr(module, "in_features", getattr(module, "in_channels", None))
         want_out = getattr(module, "out_features", getattr(module, "out_channels", None))
         if b is None or value.shape[1] != want_in or b.shape[0] != want_out:
-            raise UsageError(f"--lora {path}: {name} is ({want_out}, {want_in}) in this UNet but the file's factors are "
+            raise UsageError(f"{what} {path}: {name} is ({want_out}, {want_in}) in this UNet but the file's factors are "
                              f"{tuple(b.shape) if b is not None else None} x {tuple(value.shape)} (a LoRA for another model?)")
         names.append(name)
         rank = max(rank, int(value.shape[0]))
