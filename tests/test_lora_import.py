@@ -21,15 +21,18 @@ runner = CliRunner()
 PROMPT = "a shape"
 
 
+KOHYA_SPECIAL = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's sgm names
+
+
 def kohya_file(unet, path, *, rank=2, alpha=1.0, seed=0, std=0.5, suffixes=("attn1.to_q", "attn2.to_k", "attn2.to_v", "proj_in", "ff.net.2")):
     """A kohya-layout LoRA written from kohya's naming rules: `lora_unet_` + the diffusers module path with
-    '.' -> '_', then `.lora_down.weight` (r, in[, 1, 1]), `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` ()."""
+    '.' -> '_' (SDXL's added-conditioning MLP by its sgm name `label_emb`), then `.lora_down.weight` (r, in[, 1, 1]), `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` ()."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, module in unet.named_modules():
         if not name.endswith(suffixes):
             continue
-        key = "lora_unet_" + name.replace(".", "_")
+        key = "lora_unet_" + KOHYA_SPECIAL.get(name, name).replace(".", "_")
         conv = isinstance(module, torch.nn.Conv2d)
         n_in, n_out = (module.in_channels, module.out_channels) if conv else (module.in_features, module.out_features)
         tail = (1, 1) if conv else ()
@@ -90,6 +93,21 @@ def test_generate_lora_equals_plain_diffusers_and_zero_is_the_base(model, lora, 
     assert info.loras == [("bigger", 0.8)] and info.params["Seed"] == "3"
     rec = json.loads(Image.open(doc["files"][0]["path"]).text["conceptkit"])["loras"][0]
     assert rec["layout"] == "kohya" and rec["scale"] == 0.8 and len(rec["sha256"]) == 64
+
+
+def test_sdxl_lora_equals_plain_diffusers(tmp_path):
+    from conceptkit.models import load_model
+
+    xl = load_model("tiny-sdxl", device="cpu")
+    path = kohya_file(xl.pipe.unet, tmp_path / "xl.safetensors", suffixes=("attn2.to_k", "attn2.to_v", "proj_in", "add_embedding.linear_1"))
+    assert "add_embedding.linear_1" in inspect_lora(xl.pipe, parse_lora(str(path))).unet_modules
+    r = runner.invoke(app, ["generate", PROMPT, "-m", "tiny-sdxl", "--count", "1", "--seed", "2", "--out", str(tmp_path / "o"),
+                            "--json", "--lora", f"{path}:1.25"])
+    assert r.exit_code == 0, r.output
+    ours = _png(json.loads(r.stdout)["files"][0]["path"])[None]
+    assert np.array_equal(ours, _plain_diffusers(xl, path, 1.25, [2]))
+    base = (sample(xl, PROMPT, [2], 4, 7.5).permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    assert np.abs(ours.astype(int) - base).max() > 20
 
 
 def test_lora_and_sliders_add_up_and_the_unet_is_left_as_found(model, lora):
