@@ -165,6 +165,8 @@ def test_a_window_start_leaves_the_first_steps_alone(model, lora):
     ("foreign", "matches no module"),
     ("shape", "a LoRA for another model"),
     ("not-lora", "no LoRA keys"),
+    ("loha", "cannot convert"),
+    ("nan-weights", "NaN or infinite"),
 ])
 def test_bad_lora_files_are_one_line_exit_2(model, lora, tmp_path, kind, fragment):
     if kind == "missing":
@@ -187,6 +189,18 @@ def test_bad_lora_files_are_one_line_exit_2(model, lora, tmp_path, kind, fragmen
         arg = str(tmp_path / "wide.safetensors")
         save_file({f"{key}.lora_down.weight": torch.zeros(2, 768), f"{key}.lora_up.weight": torch.zeros(320, 2),
                    f"{key}.alpha": torch.tensor(1.0)}, arg)
+    elif kind == "nan-weights":
+        arg = str(kohya_file(model.pipe.unet, tmp_path / "nan.safetensors", suffixes=("attn2.to_k",)))
+        from safetensors.torch import load_file
+
+        sd = load_file(arg)
+        next(v for k, v in sd.items() if k.endswith("lora_up.weight"))[0, 0] = float("nan")
+        save_file(sd, arg)
+    elif kind == "loha":  # LyCORIS' Hadamard product factors: not a LoRA diffusers reads
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q"
+        arg = str(tmp_path / "loha.safetensors")
+        save_file({f"{key}.hada_w1_a": torch.zeros(32, 2), f"{key}.hada_w1_b": torch.zeros(2, 32),
+                   f"{key}.hada_w2_a": torch.zeros(32, 2), f"{key}.hada_w2_b": torch.zeros(2, 32), f"{key}.alpha": torch.tensor(1.0)}, arg)
     else:
         arg = str(tmp_path / "weights.safetensors")
         save_file({"conv.weight": torch.zeros(2, 2)}, arg)

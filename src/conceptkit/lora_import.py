@@ -95,7 +95,7 @@ def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
     try:
         state, _alphas = pipe.lora_state_dict(str(path))
     except Exception as exc:  # diffusers' converter raises ValueError/KeyError on what it cannot map
-        raise UsageError(f"{what} {path}: diffusers cannot convert it: {str(exc).splitlines()[0][:200]}") from exc
+        raise UsageError(f"{what} {path}: diffusers cannot convert it (LyCORIS/LoHa/LoKr are not LoRA): {_one_line(exc)}") from exc
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     text_keys = sum(1 for k in state if k.startswith(("text_encoder.", "text_encoder_2.")))
     other = [k for k in state if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
@@ -122,6 +122,8 @@ def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
         if b is None or value.shape[1] != want_in or b.shape[0] != want_out:
             raise UsageError(f"{what} {path}: {name} is ({want_out}, {want_in}) in this UNet but the file's factors are "
                              f"{tuple(b.shape) if b is not None else None} x {tuple(value.shape)} (a LoRA for another model?)")
+        if not (torch.isfinite(value).all() and torch.isfinite(b).all()):
+            raise UsageError(f"{what} {path}: {name}'s factors hold NaN or infinite values")
         names.append(name)
         rank = max(rank, int(value.shape[0]))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -167,7 +169,7 @@ class LoraModification:
                 pipe.load_lora_weights(str(f.path), adapter_name=name)
         except Exception as exc:  # diffusers/peft raise many types on a file they cannot place
             self.remove()
-            raise UsageError(f"--lora: diffusers could not load it: {str(exc).splitlines()[0][:200]}") from exc
+            raise UsageError(f"--lora: diffusers could not load it: {_one_line(exc)}") from exc
         self._coef_hooks()
         self._apply()
 
@@ -235,3 +237,8 @@ class LoraModification:
 
 def _adapter_names(pipe) -> set[str]:
     return {n for names in pipe.get_list_adapters().values() for n in names}
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
