@@ -224,3 +224,28 @@ def test_bad_export_input_is_one_line_exit_2(sset, tmp_path, args, fragment):
     r = runner.invoke(app, ["sliders", "export", "a-shape", str(tmp_path / "out"), *args])
     assert fragment in one_line_error(r)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_set_without_a_window_gets_no_keyframes(sset):
+    from dataclasses import replace
+
+    from conceptkit.slider_clients import ClientSettings, comfyui_workflow
+
+    flat = replace(sset, manifest={**sset.manifest, "start": 0.0})
+    graph = comfyui_workflow(flat, ClientSettings(((1, 2.0),), checkpoint="models/tiny.safetensors"))
+    check_workflow(graph)
+    types = [n["class_type"] for n in graph.values()]
+    assert "CreateHookKeyframe" not in types and "SetHookKeyframes" not in types
+    assert types.count("CreateHookLoraModelOnly") == 1
+
+
+def test_model_hash_is_a1111s_short_sha256_of_a_single_file(tmp_path):
+    import hashlib
+    from types import SimpleNamespace
+
+    from conceptkit.infotext import model_hash
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    assert model_hash(SimpleNamespace(source="single-file", spec=str(path))) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert model_hash(SimpleNamespace(source="builtin", spec="tiny-sd")) is None
