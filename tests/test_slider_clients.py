@@ -249,3 +249,23 @@ def test_model_hash_is_a1111s_short_sha256_of_a_single_file(tmp_path):
     path.write_bytes(b"weights" * 1000)
     assert model_hash(SimpleNamespace(source="single-file", spec=str(path))) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert model_hash(SimpleNamespace(source="builtin", spec="tiny-sd")) is None
+
+
+def test_generate_lora_next_to_a_slider(sset, tmp_path):
+    from conceptkit.models import load_model
+    from test_lora_import import kohya_file
+
+    lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")
+
+    def draw(*extra):
+        r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--slider", "0=1.5", "--count", "1", "--seed", "4",
+                                "--out", str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["files"][0]["path"]
+
+    slider_only = np.asarray(Image.open(draw()))
+    assert np.array_equal(np.asarray(Image.open(draw("--lora", f"{lora}:0"))), slider_only)
+    both = draw("--lora", f"{lora}:0.5")
+    assert np.abs(np.asarray(Image.open(both)).astype(int) - slider_only).max() > 20
+    name = f"a-shape-00-{store.slugify(sset.sliders[0].label)}"
+    assert parse_infotext(Image.open(both).text["parameters"]).loras == [(name, 1.5), ("theirs", 0.5)]
