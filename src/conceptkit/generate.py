@@ -3,7 +3,8 @@
 A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
 and `describe() -> dict`: sliders here (`SliderModification`, applied from the set's start
 fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4) and Picasso
-sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`).
+sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`), and other
+people's LoRA files as peft adapters (`lora_import.LoraModification`, `--lora FILE[:SCALE]`, from step 0).
 Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's, bitwise.
 `--random-sliders N` gives every image its own sparse random combination (the paper's diversity
 experiment, Sec. 5.2) and records it in the PNG.
