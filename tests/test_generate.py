@@ -99,9 +99,12 @@ def test_sweep_is_one_grid_and_sliders_transfer_to_another_prompt(model, tmp_pat
     files = json.loads(r.stdout)["files"]
     assert len(files) == 1 and files[0]["sweep"]["strengths"] == [-2.0, 0.0, 2.0]
     img = Image.open(files[0]["path"])
-    assert img.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 strengths x 2 seeds of 32 px, 2 px gaps
+    assert img.size == (3 * 34 + 2, 14 + 2 * 34 + 2)  # a 14 px header, 3 strengths x 2 seeds of 32 px, 2 px gaps
     arr = np.asarray(img).astype(int)
-    left, mid = arr[2:34, 2:34], arr[2:34, 36:68]
+    header = arr[:14]
+    for q in range(3):  # each column's strength is written above it
+        assert (header[:, 2 + q * 34: 34 + q * 34] < 128).any(), q
+    left, mid = arr[16:48, 2:34], arr[16:48, 36:68]
     assert np.abs(left - mid).max() > 0  # the slider changes the other prompt's image
     assert json.loads(img.text["conceptkit"])["prompt"] == "a dog"
 

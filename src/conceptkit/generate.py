@@ -26,7 +26,7 @@ import torch
 from conceptkit import store
 from conceptkit.infotext import write_png
 from conceptkit.errors import UsageError
-from conceptkit.slider_sets import SliderRef, load_set, parse_ref, resolve, sets_for
+from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for
 from conceptkit.sliders import SliderInfo, SliderSet
 
 SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
@@ -49,8 +49,8 @@ def parse_sweep(text: str) -> Sweep:
         lo, hi, n = float(m["lo"]), float(m["hi"]), int(m["n"])
     except ValueError:
         raise UsageError(f"--sweep {text!r}: LO and HI must be numbers") from None
-    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)):
-        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI finite")
+    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_STRENGTH:
+        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     ref = parse_ref(f"{m['ref']}=0")
     return Sweep(ref, tuple(float(x) for x in np.linspace(lo, hi, n)))
 
@@ -223,6 +223,22 @@ def _grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> torch.Ten
     return grid
 
 
+def _with_column_labels(grid: torch.Tensor, labels: list[str], cell_w: int, pad: int = 2) -> torch.Tensor:
+    """The grid with a white header strip that names each column (e.g. its slider strength)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    height = 14
+    header = Image.new("RGB", (grid.shape[2], height), "white")
+    draw = ImageDraw.Draw(header)
+    for q, text in enumerate(labels):
+        width = draw.textlength(text, font=font)
+        x = pad + q * (cell_w + pad) + max(0.0, (cell_w - width) / 2)
+        draw.text((x, 1), text, fill="black", font=font)
+    strip = torch.from_numpy(np.asarray(header, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.cat([strip, grid], 1)
+
+
 @dataclass(frozen=True)
 class GenerateResult:
     """The PNGs written, each with its settings."""
@@ -307,14 +323,15 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                 key = (swept[0].name, swept[1].index)
                 scales[key] = scales.get(key, 0.0) + value
                 columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales, others))
-                if progress:
-                    progress(k + 1, len(sweep.strengths))
+                if progress:  # the bar counts images
+                    progress((k + 1) * len(seeds), len(sweep.strengths) * len(seeds))
             grid = torch.stack(columns, 1).flatten(0, 1)  # (seeds*strengths, 3, H, W), row-major
             settings = {**common, "seeds": seeds, "sliders": _describe(base_scales, chosen),
                         "sweep": {"set": swept[0].name, "label": swept[1].label, "index": swept[1].index,
                                   "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
             path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
-            write_png(_grid(grid, len(seeds), len(sweep.strengths)), path, settings, model)
+            labels = [f"{v:+g}" for v in sweep.strengths]
+            write_png(_with_column_labels(_grid(grid, len(seeds), len(sweep.strengths)), labels, grid.shape[-1]), path, settings, model)
             files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep", "subconcepts") if k in settings}})
         else:
             # 2b. one image per seed; random combinations drawn per image

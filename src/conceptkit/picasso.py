@@ -196,6 +196,9 @@ def cluster(stats: NeuronStats, cfg: ClusterConfig, *, with_similarity: bool = T
     return Picasso(cfg, sel, z, fit, scores, centre_maps, segment(centre_maps), sim)
 
 
+MAX_SWEEP_POINTS = 64  # one clustering per value
+
+
 def parse_range(text: str, what: str, integer: bool) -> list[float]:
     """'2:8' -> 2..8 (integers, inclusive); '0.5:0.95:10' -> 10 evenly spaced values; '3' -> [3]."""
     try:
@@ -204,11 +207,17 @@ def parse_range(text: str, what: str, integer: bool) -> list[float]:
         raise UsageError(f"--sweep-{what} takes START:STOP[:COUNT], e.g. 2:8 (got {text!r})") from None
     if len(parts) == 1:
         parts = parts * 2
+    if not all(np.isfinite(parts)):
+        raise UsageError(f"--sweep-{what} takes finite numbers (got {text!r})")
     if len(parts) not in (2, 3) or parts[1] < parts[0]:
         raise UsageError(f"--sweep-{what} takes START:STOP[:COUNT] with STOP >= START (got {text!r})")
     if len(parts) == 3:
         if parts[2] < 1 or parts[2] != int(parts[2]):
             raise UsageError(f"--sweep-{what}: COUNT must be a positive integer (got {text!r})")
+    n = parts[2] if len(parts) == 3 else parts[1] - parts[0] + 1 if integer else 0
+    if n > MAX_SWEEP_POINTS:
+        raise UsageError(f"--sweep-{what} {text!r} gives {n:,.0f} values; a sweep may have at most {MAX_SWEEP_POINTS}")
+    if len(parts) == 3:
         values = list(np.linspace(parts[0], parts[1], int(parts[2])))
     elif integer:
         values = list(range(int(parts[0]), int(parts[1]) + 1))

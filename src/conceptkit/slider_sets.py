@@ -102,6 +102,9 @@ class SliderRef:
     scale: float
 
 
+MAX_STRENGTH = 100.0  # beyond this a LoRA only saturates the image (1e30 gives NaN and a black PNG)
+
+
 def parse_ref(text: str) -> SliderRef:
     m = REF_RE.match(text.strip())
     if not m:
@@ -110,8 +113,8 @@ def parse_ref(text: str) -> SliderRef:
         scale = float(m["scale"])
     except ValueError:
         raise UsageError(f"--slider {text!r}: scale {m['scale']!r} is not a number") from None
-    if not math.isfinite(scale):
-        raise UsageError(f"--slider {text!r}: scale must be finite")
+    if not math.isfinite(scale) or abs(scale) > MAX_STRENGTH:
+        raise UsageError(f"--slider {text!r}: scale must be between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     if m["set"] is not None:
         store.check_name(m["set"], "slider set name")
     return SliderRef(m["set"], m["slider"], scale)

@@ -171,3 +171,5 @@ def _render(doc: dict) -> None:
                  [(_fmt(p["value"]), p["n_neurons_kept"], *(_fmt(p["metrics"][x]) for x in ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc")),
                    p.get("error") or f"{p['metrics']['seconds']:.3f}") for p in points])
     ui.info(f"key {doc['key']}  {doc['path']}")
+    for name, path in doc["images"].items():
+        ui.info(f"{name.replace('_', ' ')}: {path}")

@@ -4,15 +4,60 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.29 and newer carry their own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from conceptkit import ui
+from conceptkit.cli import limits
 from conceptkit.errors import ConceptkitError
 
+
+def _plain_flags(command) -> None:
+    """Show flags as flags in help (`--json`, not `--json <bool>`), in every command."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
+class OneLineGroup(TyperGroup):
+    """The top-level command: usage errors as one line and exit 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _plain_flags(self)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click_errors.NoArgsIsHelpError as exc:  # `conceptkit` or `conceptkit cache` alone: the help
+            typer.echo(exc.ctx.get_help(), err=True)
+            code = 2
+        except click_errors.UsageError as exc:  # unknown option, bad type, missing argument
+            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+            ui.error(f"{exc.format_message().rstrip('.')}{where}")
+            code = 2
+        except click_errors.ClickException as exc:
+            ui.error(exc.format_message())
+            code = exc.exit_code
+        except click_errors.Abort:
+            ui.error("interrupted")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     name="conceptkit",
     help="Take a text-to-image diffusion model apart and see what it knows about a concept.",
     no_args_is_help=True,
@@ -49,7 +94,11 @@ def model_spec(model: str | None) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (deprecations, optional-backend notes) off the user's stderr."""
+    """Keep library chatter (deprecations, optional-backend notes) off the user's stderr.
+
+    Only environment variables, read when the libraries are first imported: importing diffusers
+    and transformers here would cost light commands (`cache path`) seconds.
+    """
     import warnings
 
     if _state["verbose"]:
@@ -57,23 +106,23 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        diffusers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+    for name in ("transformers", "diffusers"):  # already imported (tests, a library user): set it directly
+        module = sys.modules.get(name)
+        if module is not None:
+            module.logging.set_verbosity_error()
 
 
 def command(fn):
-    """Turn domain errors into one line and an exit code; never a traceback unless --verbose."""
+    """Check numeric options against cli/limits.py, then turn domain errors into one line and an
+    exit code; never a traceback unless --verbose."""
+    name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__.rstrip('_')}"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
         try:
+            limits.check(name, kwargs)
+            limits.check_outputs(kwargs)
             return fn(*args, **kwargs)
         except ConceptkitError as exc:
             if _state["verbose"]:
@@ -102,16 +151,21 @@ def load(model: str | None, device: str, dtype: str, config: Path | None):
         return load_model(spec, device=device, dtype=dtype, config=config)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from conceptkit import __version__
+
+        print(f"conceptkit {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and library logs.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
 ) -> None:
     _state["verbose"] = verbose
-    if version:
-        from conceptkit import __version__
-
-        print(__version__)
-        raise typer.Exit(0)
 
 

@@ -50,14 +50,14 @@ def train(
     prompt: Annotated[str, typer.Argument(help="The concept, e.g. 'a person'.", show_default=False)],
     model: ModelOpt = None,
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="Harvested trajectories.")] = 16,
+    samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Harvested trajectories. Default by model: 16 on the toy and test models, 1000 on SD 1.x/2.x, SDXL and few-step models (the reference's).", show_default=False)] = None,
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
     encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (from the local cache) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
     targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
-    train_steps: Annotated[int, typer.Option("--train-steps", help="Optimiser steps (all sliders train in each).")] = 100,
-    pairs: Annotated[int, typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders.")] = 2,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-3,
+    train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
+    pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
     start: Annotated[float, typer.Option(help="Sliders act from this fraction of the denoising steps on.")] = 0.1,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the harvest. Default: the model's.", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
@@ -65,6 +65,7 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
     export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (defaults used, trajectories, steps, disk, estimated time) and stop.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -72,26 +73,41 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train K sliders for a prompt: harvest, embed, PCA, one batched LoRA pass, labels. Resumable."""
-    from conceptkit import slider_sets
+    from conceptkit import slider_defaults, slider_sets
     from conceptkit.slider_train import TrainSettings
     from conceptkit.sliders import SlidersConfig, run
 
-    cfg = SlidersConfig(prompt=prompt, count=count, samples=samples, x0=x0, encoder=encoder, rank=rank, targets=targets,
-                        steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite, gradient_checkpointing=gradient_checkpointing,
-                        train=TrainSettings(steps=train_steps, pairs=pairs, lr=lr, start=start, seed=seed))
+    def settings(d: dict) -> SlidersConfig:
+        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, encoder=encoder, rank=rank, targets=targets,
+                             steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
+                             gradient_checkpointing=gradient_checkpointing,
+                             train=TrainSettings(steps=d["train_steps"], pairs=d["pairs"], lr=d["lr"], start=start, seed=seed))
+
+    given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr)
+    settings(slider_defaults.resolve(slider_defaults.QUICK, **given)[0])  # bad input fails before the model loads
     from conceptkit.harvest import distributed
 
-    rank, world = distributed()
+    proc, world = distributed()  # process rank and count under `accelerate launch`
     if world > 1 and device == "auto":  # under `accelerate launch`: this process's own device
         from accelerate import PartialState
 
         device = str(PartialState().device)
     loaded = load(model, device, dtype, config)
-    with ui.progress("sliders", unit="steps", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
-        sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
-    if rank != 0:  # one report per launch, from the main process
+    profile = slider_defaults.for_model(loaded)
+    values, from_profile = slider_defaults.resolve(profile, **given)
+    cfg = settings(values)
+    defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
+    if from_profile and proc == 0:
+        ui.info(f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
+                + f" ({profile.why})")
+    if dry_run:
+        _dry_run(loaded, cfg, defaults_doc, json_out)
         return
-    doc = sset.to_json()
+    with ui.progress("sliders", unit="steps", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
+        sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
+    if proc != 0:  # one report per launch, from the main process
+        return
+    doc = {**sset.to_json(), "defaults": defaults_doc}
     if export is not None:
         doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
     if json_out:
@@ -99,6 +115,27 @@ def train(
         return
     _table(sset)
     ui.info(f"set {sset.name}  {sset.path}" + ("  (cached)" if sset.cached else f"  {sset.seconds:.0f}s"))
+
+
+def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool) -> None:
+    """The plan of a run: what it will harvest and train, the harvest's disk size, an estimated time."""
+    from conceptkit.slider_plan import make_plan
+
+    with ui.err.status("timing one UNet call"):
+        plan = make_plan(loaded, cfg.prompt, cfg.samples, cfg.steps, cfg.guidance, cfg.count, cfg.train.steps,
+                         cfg.train.pairs, cfg.train.symmetric)
+    doc = {"dry_run": True, "model": loaded.spec, "arch": loaded.arch, "defaults": defaults_doc, "plan": plan.as_dict()}
+    if json_out:
+        ui.print_json(doc)
+        return
+    ui.table(f"plan: {cfg.count} sliders for {cfg.prompt!r} on {loaded.spec} ({loaded.arch}, {defaults_doc['profile']} defaults)",
+             ["trajectories", "steps", "guidance", "train steps", "pairs", "harvest on disk", "one UNet call",
+              "harvest (est.)", "training (est.)"],
+             [(plan.trajectories, plan.steps, f"{plan.guidance:g}", plan.train_steps, plan.pairs,
+               ui.human_size(plan.harvest_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
+               ui.human_age(plan.train_s))])
+    ui.info("estimates from the measured call: one per harvest batch and step; per training step one batched pass "
+            "with backward (decoding and embedding left out); nothing was written")
 
 
 @sliders_app.command("list")
