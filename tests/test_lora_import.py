@@ -161,6 +161,7 @@ def test_a_window_start_leaves_the_first_steps_alone(model, lora):
     ("missing", "no such file"),
     ("pickle", "only .safetensors"),
     ("nan", "must be finite"),
+    ("huge", "between -100 and 100"),
     ("word", "is not a number"),
     ("foreign", "matches no module"),
     ("shape", "a LoRA for another model"),
@@ -176,6 +177,8 @@ def test_bad_lora_files_are_one_line_exit_2(model, lora, tmp_path, kind, fragmen
         arg = str(tmp_path / "x.ckpt")
     elif kind == "nan":
         arg = f"{lora}:nan"
+    elif kind == "huge":
+        arg = f"{lora}:1e30"
     elif kind == "word":
         arg = f"{lora}:strong"
     elif kind == "foreign":  # a module this UNet does not have

@@ -47,8 +47,10 @@ def parse_lora(text: str, what: str = "--lora") -> LoraSpec:
         except ValueError:
             raise UsageError(f"{what} {text!r}: scale {tail!r} is not a number; write FILE[:SCALE], e.g. age.safetensors:1.5") from None
         raw = head
-    if not math.isfinite(scale):
-        raise UsageError(f"{what} {text!r}: scale must be finite (got {scale})")
+    from conceptkit.slider_sets import MAX_STRENGTH
+
+    if not math.isfinite(scale) or abs(scale) > MAX_STRENGTH:
+        raise UsageError(f"{what} {text!r}: scale must be finite, between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} (got {scale})")
     path = Path(raw).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise UsageError(f"{what} {text!r}: only .safetensors LoRA files are read (never pickles); got {path.name!r}")
