@@ -269,3 +269,23 @@ def test_generate_lora_next_to_a_slider(sset, tmp_path):
     assert np.abs(np.asarray(Image.open(both)).astype(int) - slider_only).max() > 20
     name = f"a-shape-00-{store.slugify(sset.sliders[0].label)}"
     assert parse_infotext(Image.open(both).text["parameters"]).loras == [(name, 1.5), ("theirs", 0.5)]
+
+
+def test_generate_lora_with_a_sweep_and_random_sliders(sset, tmp_path):
+    from conceptkit.models import load_model
+    from test_lora_import import kohya_file
+
+    lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")
+
+    def grid(*extra):
+        r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--count", "2", "--out",
+                                str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return [np.asarray(Image.open(f["path"])) for f in json.loads(r.stdout)["files"]]
+
+    sweep = ["--sweep", "0=-1:1:2"]
+    assert np.array_equal(grid(*sweep, "--lora", f"{lora}:0")[0], grid(*sweep)[0])
+    assert not np.array_equal(grid(*sweep, "--lora", f"{lora}:1")[0], grid(*sweep)[0])
+    rand = ["--random-sliders", "2"]
+    with_lora, without = grid(*rand, "--lora", f"{lora}:1"), grid(*rand)
+    assert len(with_lora) == 2 and all(not np.array_equal(a, b) for a, b in zip(with_lora, without))
