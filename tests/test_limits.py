@@ -128,3 +128,24 @@ def test_light_commands_do_not_import_the_model_libraries(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_sigterm_stops_a_harvest_like_ctrl_c_and_a_rerun_resumes(tmp_path):
+    """A `kill` mid-harvest: exit 130 with the interrupted line, shards kept, and the rerun completes them."""
+    import signal
+    import time
+
+    env = {**os.environ, "CONCEPTKIT_HOME": str(tmp_path / "home")}
+    args = [sys.executable, "-m", "conceptkit", "harvest", "a shape", "--samples", "400", "--steps", "4", "--batch-size", "8"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "home").rglob("shard-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # wait until real work is under way
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    done = subprocess.run([*args[:6], "8", "--steps", "4", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["samples"] == 8

@@ -1,291 +1,182 @@
-"""The slider window in ComfyUI (hook keyframes) and A1111 (sd-webui-loractl), and A1111's infotext in our PNGs."""
+"""Every client loads every key of the kohya export, on the real SD 1.5 and SDXL UNets (meta device).
+
+The clients' key maps are rebuilt from their naming rules in tests/_clients.py; diffusers, which is
+installed, converts the file itself. Targets: the default (cross-attention k/v), every linear, every conv.
+"""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
+import torch
+from safetensors import safe_open
 
-from conceptkit import store
-from conceptkit.cli import app
-from conceptkit.infotext import Infotext, format_infotext, parse_infotext
-from conceptkit.slider_clients import comfy_start_percent, first_step, loractl_tag
-from _cli import one_line_error
+from _clients import a1111_layer_mapping, a1111_load, a1111_sd_version, comfy_key_map, comfy_load, fits, kohya_modules
+from conceptkit.slider_kohya import export_kohya, kohya_key, sd_scripts_skips
+from conceptkit.slider_lora import DEFAULT_TARGETS, SliderFactors, SliderLoraConfig, install_sliders
 
-runner = CliRunner()
-NODES = json.loads((Path(__file__).parent / "data" / "comfyui_nodes.json").read_text())["nodes"]
+ARCH_OF = {"random-sd15": "sd1", "random-sdxl": "sdxl"}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 3-slider tiny-sd set (pixel encoder), briefly trained once."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig
-    from conceptkit.sliders import run as train
+@pytest.fixture(scope="module", params=["random-sd15", "random-sdxl"])
+def unet(request):
+    """The full-size UNet on the meta device: real module names and shapes, no memory."""
+    from diffusers import UNet2DConditionModel
 
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = train(model, SlidersConfig("a shape", count=3, samples=4, encoder="pixel",
-                                          train=TrainSettings(steps=4, pairs=2, lr=2e-2, start=0.3)))
-    return sset
+    from conceptkit.full_models import SD15_UNET, SDXL_UNET
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**(SD15_UNET if request.param == "random-sd15" else SDXL_UNET))
+    model.spec_name = request.param
+    return model
 
 
-@pytest.fixture
-def sset(trained):
-    shutil.copytree(trained.path, store.kind_dir("sliders") / trained.name)
-    return trained
+def _targets(unet, which: str) -> str:
+    if which == "default":
+        return DEFAULT_TARGETS
+    kind = torch.nn.Linear if which == "every-linear" else torch.nn.Conv2d
+    return "|".join(re.escape(n) for n, m in unet.named_modules() if isinstance(m, kind))
 
 
-def _export(folder, *extra):
-    r = runner.invoke(app, ["sliders", "export", "a-shape", str(folder), "--json", *extra])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout)
+def _factors(unet, targets: str, rank: int = 2) -> SliderFactors:
+    """A rank-2 slider on `targets`, shaped by the bank (which picks the modules and their factor shapes)."""
+    bank = install_sliders(unet, SliderLoraConfig(1, rank=rank, target_modules=targets))
+    try:
+        return SliderFactors({n: torch.zeros(s.a_shape(rank)) for n, s in zip(bank.module_names, bank.specs)},
+                             {n: torch.zeros(s.file_b_shape(rank)) for n, s in zip(bank.module_names, bank.specs)},
+                             rank=rank, alpha=1.0)
+    finally:
+        bank.remove()
 
 
-# ---------------------------------------------------------------- ComfyUI
+def _shapes(path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _check_literal(where: str, spec: dict, value) -> None:
-    kind = spec["type"]
-    if kind == "INT":
-        assert isinstance(value, int) and not isinstance(value, bool), where
-    elif kind == "FLOAT":
-        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
-    elif kind == "STRING":
-        assert isinstance(value, str), where
-    elif kind == "COMBO":
-        if "choices" in spec:
-            assert value in spec["choices"], where
-        else:  # a file name from a models folder
-            assert isinstance(value, str) and value.endswith((".safetensors", ".ckpt")), where
+def _pairs(shapes, prefix):
+    return shapes[f"{prefix}.lora_down.weight"], shapes[f"{prefix}.lora_up.weight"]
+
+
+@pytest.mark.parametrize("which", ["default", "every-linear", "conv"])
+def test_every_client_maps_every_exported_key_to_a_weight_of_the_right_shape(unet, which, tmp_path):
+    arch = ARCH_OF[unet.spec_name]
+    factors = _factors(unet, _targets(unet, which))
+    warnings: list[str] = []
+    path = export_kohya(factors, tmp_path / "k.safetensors", arch=arch, warn=warnings.append)
+    shapes = _shapes(path)
+    prefixes = {k.split(".", 1)[0] for k in shapes}
+    assert len(shapes) == 3 * len(factors.lora_A) == 3 * len(prefixes)
+    if which == "default":
+        assert len(prefixes) == (32 if arch == "sd1" else 140)  # SD 1.5: 16 transformers; SDXL: 70
+
+    # ComfyUI (and Forge, which ships its loader): every key consumed, each pair fits its weight
+    patched, not_loaded = comfy_load(shapes, comfy_key_map(unet))
+    assert not_loaded == [] and set(patched) == prefixes
+    assert all(fits(*_pairs(shapes, p), w.shape) for p, w in patched.items())
+
+    # AUTOMATIC1111: every key matched to a module of the LDM model
+    matched, failed = a1111_load(shapes, a1111_layer_mapping(unet))
+    assert failed == [] and set(matched) == prefixes
+    assert all(fits(*_pairs(shapes, p), w.shape) for p, w in matched.items())
+
+    # kohya sd-scripts: everything but the embeddings / conv_in / conv_out it never wraps, and we said so
+    kohya = kohya_modules(unet, sdxl=arch == "sdxl")
+    skipped = {kohya_key(n, arch) for n in sd_scripts_skips(factors.lora_A)}
+    assert prefixes - set(kohya) == skipped
+    assert all(fits(*_pairs(shapes, p), kohya[p].shape) for p in prefixes - skipped)
+    assert (len(warnings) == 1) == bool(skipped) and (which != "every-linear" or len(skipped) >= 2)
+    if skipped:
+        assert "\n" not in warnings[0] and f"{len(skipped)} of the {len(prefixes)}" in warnings[0]
+
+    # diffusers: its own converter, back to the modules we trained, with the shapes peft will build
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    state, _alphas = pipeline.lora_state_dict(str(path), unet_config=unet.config)
+    assert all(k.startswith("unet.") for k in state)
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    modules = {k.rsplit(".lora_", 1)[0] for k in state}
+    assert modules == set(factors.lora_A) and len(state) == 2 * len(modules)
+    for name in modules:
+        down, up = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        assert fits(tuple(down.shape), tuple(up.shape), tuple(unet.get_submodule(name).weight.shape)), name
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "random-sdxl"])
+def test_ldm_names_agree_with_the_checkpoint_writer_for_every_module(name):
+    """conceptkit's module-name map and tests/_ldm.py's checkpoint key map (read back by diffusers) agree."""
+    from _clients import module_weights
+    from diffusers import UNet2DConditionModel
+
+    from conceptkit.full_models import SDXL_UNET
+    from conceptkit.ldm_names import ldm_module_name
+    from conceptkit.tiny_models import build_tiny
+
+    if name == "tiny-sdxl":
+        unet = build_tiny(name).unet
     else:
-        raise AssertionError(f"{where}: a {kind} input must be a link, got {value!r}")
-    if "min" in spec:
-        assert spec["min"] <= value <= spec["max"], where
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SDXL_UNET)
+    weights = module_weights(unet)
+    assert len(weights) > 100
+    for module, (ldm, _) in weights.items():
+        assert ldm_module_name(module) == ldm, module
 
 
-def check_workflow(graph: dict) -> None:
-    """Every node, input name, literal and link of an API-format graph against ComfyUI's definitions."""
-    for key, node in graph.items():
-        assert set(node) <= {"class_type", "inputs", "_meta"}, key
-        spec = NODES[node["class_type"]]  # KeyError: a node ComfyUI does not have
-        allowed = {**spec["required"], **spec["optional"]}
-        assert set(spec["required"]) <= set(node["inputs"]), (key, node["class_type"])
-        for name, value in node["inputs"].items():
-            assert name in allowed, f"{node['class_type']} has no input {name!r}"
-            where = f"{key}.{node['class_type']}.{name}"
-            if isinstance(value, list):  # a link [node id, output index]
-                src, index = value
-                assert src in graph and src != key, where
-                outputs = NODES[graph[src]["class_type"]]["outputs"]
-                assert 0 <= index < len(outputs) and outputs[index] == allowed[name]["type"], where
-            else:
-                _check_literal(where, allowed[name], value)
-    # acyclic, and everything feeds the one output node
-    order, seen = [], set()
+def test_sdxl_keys_use_the_ldm_names_sd_scripts_wants(tmp_path):
+    from diffusers import UNet2DConditionModel
 
-    def visit(k, stack=()):
-        assert k not in stack, f"cycle through {k}"
-        if k in seen:
-            return
-        for v in graph[k]["inputs"].values():
-            if isinstance(v, list):
-                visit(v[0], (*stack, k))
-        seen.add(k)
-        order.append(k)
+    from conceptkit.full_models import SDXL_UNET
 
-    outs = [k for k, n in graph.items() if NODES[n["class_type"]].get("output_node")]
-    assert len(outs) == 1
-    visit(outs[0])
-    assert seen == set(graph), "nodes that feed nothing"
+    assert kohya_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "sdxl") == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
+    assert kohya_key("down_blocks.1.resnets.0.time_emb_proj", "sdxl") == "lora_unet_input_blocks_4_0_emb_layers_1"
+    assert kohya_key("add_embedding.linear_1", "sdxl") == "lora_unet_label_emb_0_0"
+    assert kohya_key("up_blocks.0.upsamplers.0.conv", "sdxl") == "lora_unet_output_blocks_2_2_conv"
+    assert kohya_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "sd1") == \
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{**SDXL_UNET, "layers_per_block": 3})
+    from conceptkit.errors import UsageError
+
+    with pytest.raises(UsageError, match="SDXL UNet layout"):
+        kohya_key(next(n for n, _ in unet.named_modules() if n.startswith("down_blocks.1.attentions.2.")), "sdxl")
+    with pytest.raises(UsageError, match="architecture 'flux'"):
+        kohya_key("conv_in", "flux")
 
 
-def test_comfyui_workflow_uses_only_published_nodes_and_the_exported_files(sset, tmp_path):
-    doc = _export(tmp_path / "out", "--workflow", "comfyui", "--slider", "0=1.5", "--slider", "2=-1",
-                  "--checkpoint", "tiny-sd.safetensors", "--seed", "7")
-    graph = json.loads(Path(doc["workflows"][0]).read_text())
-    check_workflow(graph)
-    by_type = {}
-    for node in graph.values():
-        by_type.setdefault(node["class_type"], []).append(node["inputs"])
-    hooks = by_type["CreateHookLoraModelOnly"]
-    assert [h["strength_model"] for h in hooks] == [1.5, -1.0]
-    exported = {Path(p).name for p in doc["files"]}
-    assert all(h["lora_name"] in exported for h in hooks)  # the kohya files written next to it
-    kf = sorted(by_type["CreateHookKeyframe"], key=lambda k: k["start_percent"])
-    assert [k["strength_mult"] for k in kf] == [0.0, 1.0]
-    steps = sset.manifest["steps"]
-    assert kf[1]["start_percent"] == doc["comfyui_start_percent"] == comfy_start_percent(steps, 0.3) > 0
-    (ks,) = by_type["KSampler"]
-    assert (ks["steps"], ks["seed"], ks["cfg"]) == (steps, 7, sset.manifest["guidance"])
-    assert by_type["EmptyLatentImage"][0]["width"] == sset.manifest["width"]
-
-
-@pytest.mark.parametrize("n", [2, 4, 10, 20, 25, 30, 50])
-@pytest.mark.parametrize("start", [0.05, 0.1, 0.3, 0.5, 0.9])
-def test_comfy_keyframe_opens_at_our_first_step(n, start):
-    """ComfyUI's ddim_uniform steps (comfy/samplers.py: sigmas[1], sigmas[1 + ss], ... reversed, ss = 1000 // n) switch
-    the keyframe on where sigma(t) <= percent_to_sigma(p) = sigma((1 - p) * 999), i.e. t <= (1 - p) * 999."""
-    from diffusers import DDIMScheduler
-
-    ours = DDIMScheduler(num_train_timesteps=1000, steps_offset=1)
-    ours.set_timesteps(n)
-    s = first_step(n, start)
-    p = comfy_start_percent(n, start)
-    comfy = list(range(1, 1000, max(1000 // n, 1)))[::-1]
-    if s == 0:
-        assert p == 0.0
-        return
-    active = [t <= (1 - p) * 999 for t in comfy]
-    first = active.index(True)
-    assert not any(active[:first]) and all(active[first:])
-    assert comfy[first] == int(ours.timesteps[s])  # the same timestep our sliders start at
-    assert 0 < p < 1
-
-
-# ---------------------------------------------------------------- A1111 / loractl
-
-
-def loractl_weights(tag: str, n: int) -> list[float]:
-    """The UNet weight at each step, read the way sd-webui-loractl documents it: `<lora:NAME:...:unet=W@S,...>`,
-    S > 1 in the last keyframe means absolute steps, weights interpolated (np.interp) at the 0-based step index."""
-    m = re.fullmatch(r"<lora:([^:>]+)((?::[^:>]+)*)>", tag)
-    args = [a for a in m[2].split(":") if a]
-    named = dict(a.split("=", 1) for a in args if "=" in a)
-    raw = named.get("unet", args[1] if len(args) > 1 and "=" not in args[1] else named.get("te", args[0] if args else "1"))
-    pairs = [tuple(float(x) for x in kv.split("@")) for kv in re.split("[,;]", raw)]
-    if len(pairs[0]) == 1:
-        return [pairs[0][0]] * n
-    pairs.sort(key=lambda p: p[1])
-    w, at = [p[0] for p in pairs], [p[1] for p in pairs]
-    assert at[-1] > 1, "fractions would be read relative to the step count"
-    return [float(np.interp(i, at, w)) for i in range(n)]
-
-
-@pytest.mark.parametrize("n, start", [(4, 0.3), (10, 0.1), (20, 0.1), (2, 0.5), (30, 0.25), (8, 0.0)])
-def test_loractl_tag_is_zero_before_our_first_step_and_full_from_it(n, start):
-    s = first_step(n, start)
-    weights = loractl_weights(loractl_tag("a-shape-00-x", 1.5, n, start), n)
-    assert weights == [0.0] * s + [1.5] * (n - s)
-
-
-def test_a1111_export_and_generate_png_infotext_round_trip(sset, tmp_path):
-    doc = _export(tmp_path / "out", "--workflow", "a1111", "--slider", "0=1.5", "--negative", "blurry, dark")
-    label = sset.sliders[0].label
-    name = f"a-shape-00-{store.slugify(label)}"
-    assert f"{name}.safetensors" in {Path(p).name for p in doc["files"]}
-    info = parse_infotext(doc["a1111"]["infotext"])
-    assert info.prompt == doc["a1111"]["loractl"] and info.negative == "blurry, dark"
-    assert info.params["Steps"] == str(sset.manifest["steps"]) and info.params["Sampler"] == "DDIM"
-    assert doc["a1111"]["plain"] == f"a shape <lora:{name}:1.5>"
-    text = Path(doc["workflows"][0]).read_text()
-    assert doc["a1111"]["loractl"] in text and doc["a1111"]["plain"] in text
-    # generate's PNG names the same file in a plain tag, in A1111's layout
-    r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--slider", "0=1.5", "--count", "1", "--seed", "4",
-                            "--out", str(tmp_path / "img"), "--json"])
-    assert r.exit_code == 0, r.output
-    png = Image.open(json.loads(r.stdout)["files"][0]["path"])
-    info = parse_infotext(png.text["parameters"])
-    assert info.prompt == f"a shape <lora:{name}:1.5>" and info.loras == [(name, 1.5)]
-    assert info.params["Seed"] == "4" and info.params["Size"] == f"{png.width}x{png.height}"
-    assert info.params["Steps"] == "4" and info.params["CFG scale"] == "7.5" and info.params["Model"] == "tiny-sd"
-    assert info.params["Slider start"] == "0.3"
-    assert format_infotext(info) == png.text["parameters"]  # parse -> format is the identity
-
-
-def test_infotext_quotes_what_needs_quoting():
-    info = Infotext("a dog,\nin the rain <lora:x:0.5>", "ugly, blurry\nlow quality",
-                    {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7", "Seed": "[1, 2]", "Note": 'say "hi": now'})
-    text = format_infotext(info)
-    assert 'Seed: "[1, 2]"' in text and 'Note: "say \\"hi\\": now"' in text
-    assert parse_infotext(text) == info
-    assert parse_infotext("just a prompt") == Infotext("just a prompt")
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["--workflow", "invokeai"], "--workflow"),
-    (["--workflow", "comfyui", "--slider", "0=1"], "--checkpoint"),
-    (["--workflow", "comfyui", "--checkpoint", "/abs/model.safetensors"], "--checkpoint"),
-    (["--workflow", "a1111", "--slider", "0=25"], "[-20, 20]"),
-    (["--workflow", "a1111", "--slider", "7=1"], "out of range"),
-    (["--workflow", "a1111", "--slider", "other/0=1"], "set 'a-shape' only"),
-    (["--workflow", "a1111", "--steps", "0"], "--steps"),
+@pytest.mark.parametrize(("arch", "version", "ss", "spec"), [
+    ("sd1", "SD1", "sd_v1", "stable-diffusion-v1/lora"),
+    ("sd2", "SD2", "sd_v2", "stable-diffusion-v2-512/lora"),
+    ("sdxl", "SDXL", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
 ])
-def test_bad_export_input_is_one_line_exit_2(sset, tmp_path, args, fragment):
-    r = runner.invoke(app, ["sliders", "export", "a-shape", str(tmp_path / "out"), *args])
-    assert fragment in one_line_error(r)
-    assert not (tmp_path / "out").exists()
+def test_the_kohya_header_names_the_base_model_for_a1111_and_modelspec(arch, version, ss, spec, tmp_path):
+    factors = SliderFactors({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": torch.zeros(2, 8)},
+                            {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": torch.zeros(4, 2)},
+                            rank=2, alpha=2.0)
+    path = export_kohya(factors, tmp_path / "k.safetensors", arch=arch, title="person/age", description="older")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert a1111_sd_version(meta) == version
+    assert meta["ss_base_model_version"] == ss and meta["modelspec.architecture"] == spec
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "2", "2.0")
+    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.title"] == "person/age"
+    assert meta["modelspec.description"] == "older"
+    # what the export wrote before: our entries only, which A1111 files as SD 1 (hidden beside an SDXL model)
+    assert a1111_sd_version({"ss_network_module": "networks.lora", "ss_network_dim": "2"}) == "SD1"
 
 
-def test_a_set_without_a_window_gets_no_keyframes(sset):
-    from dataclasses import replace
+def test_the_sets_own_file_is_for_diffusers_only(tmp_path):
+    """ComfyUI's key map has no `unet.<module>.lora_A` names: it would load none of our own file."""
+    from conceptkit.tiny_models import build_tiny
 
-    from conceptkit.slider_clients import ClientSettings, comfyui_workflow
-
-    flat = replace(sset, manifest={**sset.manifest, "start": 0.0})
-    graph = comfyui_workflow(flat, ClientSettings(((1, 2.0),), checkpoint="models/tiny.safetensors"))
-    check_workflow(graph)
-    types = [n["class_type"] for n in graph.values()]
-    assert "CreateHookKeyframe" not in types and "SetHookKeyframes" not in types
-    assert types.count("CreateHookLoraModelOnly") == 1
-
-
-def test_model_hash_is_a1111s_short_sha256_of_a_single_file(tmp_path):
-    import hashlib
-    from types import SimpleNamespace
-
-    from conceptkit.infotext import model_hash
-
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"weights" * 1000)
-    assert model_hash(SimpleNamespace(source="single-file", spec=str(path))) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    assert model_hash(SimpleNamespace(source="builtin", spec="tiny-sd")) is None
-
-
-def test_generate_lora_next_to_a_slider(sset, tmp_path):
-    from conceptkit.models import load_model
-    from test_lora_import import kohya_file
-
-    lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")
-
-    def draw(*extra):
-        r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--slider", "0=1.5", "--count", "1", "--seed", "4",
-                                "--out", str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), "--json", *extra])
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)["files"][0]["path"]
-
-    slider_only = np.asarray(Image.open(draw()))
-    assert np.array_equal(np.asarray(Image.open(draw("--lora", f"{lora}:0"))), slider_only)
-    both = draw("--lora", f"{lora}:0.5")
-    assert np.abs(np.asarray(Image.open(both)).astype(int) - slider_only).max() > 20
-    name = f"a-shape-00-{store.slugify(sset.sliders[0].label)}"
-    assert parse_infotext(Image.open(both).text["parameters"]).loras == [(name, 1.5), ("theirs", 0.5)]
-
-
-def test_generate_lora_with_a_sweep_and_random_sliders(sset, tmp_path):
-    from conceptkit.models import load_model
-    from test_lora_import import kohya_file
-
-    lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")
-
-    def grid(*extra):
-        r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--count", "2", "--out",
-                                str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), "--json", *extra])
-        assert r.exit_code == 0, r.output
-        return [np.asarray(Image.open(f["path"])) for f in json.loads(r.stdout)["files"]]
-
-    sweep = ["--sweep", "0=-1:1:2"]
-    assert np.array_equal(grid(*sweep, "--lora", f"{lora}:0")[0], grid(*sweep)[0])
-    assert not np.array_equal(grid(*sweep, "--lora", f"{lora}:1")[0], grid(*sweep)[0])
-    rand = ["--random-sliders", "2"]
-    with_lora, without = grid(*rand, "--lora", f"{lora}:1"), grid(*rand)
-    assert len(with_lora) == 2 and all(not np.array_equal(a, b) for a, b in zip(with_lora, without))
+    unet = build_tiny("tiny-sd").unet
+    bank = install_sliders(unet, SliderLoraConfig(1))
+    path = bank.save_slider(0, tmp_path / "s.safetensors")
+    shapes = _shapes(path)
+    patched, not_loaded = comfy_load(shapes, comfy_key_map(unet))
+    assert patched == {} and len(not_loaded) == len(shapes) == 2 * len(bank.module_names)

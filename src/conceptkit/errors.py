@@ -16,7 +16,7 @@ class UsageError(ConceptkitError):
 
 
 class ModelNotFoundError(UsageError):
-    """The model is not on disk (these machines cannot download)."""
+    """The model is not on disk and cannot be downloaded now (offline, unreachable, gated or unknown)."""
 
 
 class UnsupportedModelError(UsageError):

@@ -108,7 +108,7 @@ def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], str
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for p in mod.banks[sset.name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=(1, 2), keepdim=True) / p[0].numel() ** 0.5)
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=tuple(range(1, p.ndim)), keepdim=True) / p[0].numel() ** 0.5)  # one norm per slider, conv factors too
         keys = list(mod.slots)
         slot_of = {idx: keys.index((sset.name, idx)) for idx in indices}
         k = len(keys)

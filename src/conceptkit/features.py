@@ -7,7 +7,8 @@ the slider loss can backpropagate through it. Encoders that have a text tower (C
 CLIP) also embed words, which is what slider labelling needs.
 
 Specs (`--encoder`): `auto`, `pixel`, `pixel:<side>`, `clip:<hub id or folder>`,
-`dinov2:<hub id or folder>`, `toy` (the toy world's CLIP). Everything loads offline.
+`dinov2:<hub id or folder>`, `toy` (the toy world's CLIP). A hub id is taken from the local
+Hugging Face cache, or downloaded into it when missing (`hub`); transformers only reads folders.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conceptkit import hub
 from conceptkit.errors import ModelNotFoundError, UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUTO_CLIP = "openai/clip-vit-large-patch14"  # `auto` for real SD models, if it is in the HF cache
+AUTO_CLIP = "openai/clip-vit-large-patch14"  # `auto` for real SD models (about 1.7 GB, downloaded on first use)
 
 
 class ImageEncoder(nn.Module):
@@ -157,23 +159,33 @@ def _load_config(folder: str, spec: str):
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"encoder {spec}: no model config at {folder} (offline; give a local folder "
-                                 f"or a hub id in the local cache)") from exc
+        raise ModelNotFoundError(f"encoder {spec}: no readable model config at {folder}; pass a transformers "
+                                 f"model folder or a Hugging Face id") from exc
 
 
 def _locate(name: str, spec: str) -> str:
-    """A local folder as is; a hub id resolved in the local HF cache only."""
+    """A local folder as is; a hub id from the local HF cache, downloaded into it when missing."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"encoder {spec}: {name} is not a model folder")
-    try:
-        from huggingface_hub import snapshot_download
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"encoder {spec}: {name} is not a model folder or a Hugging Face id (org/name)")
+    return str(hub.resolve(_encoder_need(name, spec)))
 
-        return snapshot_download(name, local_files_only=True)
-    except Exception as exc:
-        raise ModelNotFoundError(f"encoder {spec}: {name} is not in the local Hugging Face cache and this machine is "
-                                 f"offline; download it elsewhere or pass a folder (e.g. --encoder clip:/path/to/clip)") from exc
+
+def _encoder_need(name: str, spec: str) -> hub.Need:
+    kind = spec.partition(":")[0]
+    return hub.Need(name, "encoder", role="encoder",
+                    alternative=f"or pass a local folder (--encoder {kind}:/path/to/folder)")
+
+
+def hub_needs(spec: str, model_spec: str | None = None) -> list[hub.Need]:
+    """The hub repository the encoder `spec` needs when it is not in the local cache yet ([] otherwise; no network)."""
+    spec = resolve_spec(check_spec(spec), model_spec)
+    kind, _, arg = spec.partition(":")
+    if kind not in ("clip", "dinov2") or Path(arg).expanduser().exists() or arg.startswith((".", "/", "~")) or arg.count("/") != 1:
+        return []
+    need = _encoder_need(arg, spec)
+    return [] if hub.local_state(need)[0] is not None else [need]
 
 
 def resolve_spec(spec: str, model_spec: str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +77,11 @@ def rename(name: str, old: str, new: str) -> SliderSet:
     return load_set(name)
 
 
-def export_kohya(name: str, folder: Path) -> list[Path]:
-    """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format."""
-    from conceptkit.slider_lora import export_kohya as write
+def export_kohya(name: str, folder: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format.
+
+    `warn` gets one line (for the whole set) when some modules are ones kohya sd-scripts never loads."""
+    from conceptkit.slider_kohya import export_kohya as write
 
     sset = load_set(name)
     folder = Path(folder)
@@ -86,8 +89,9 @@ def export_kohya(name: str, folder: Path) -> list[Path]:
         raise UsageError(f"--export folder {folder} is a file")
     from conceptkit.infotext import slider_lora_name
 
-    return [write(sset.path / s.file, folder / f"{slider_lora_name(sset.name, s.index, s.label)}.safetensors")
-            for s in sset.sliders]
+    return [write(sset.path / s.file, folder / f"{slider_lora_name(sset.name, s.index, s.label)}.safetensors",
+                  warn=warn if i == 0 else None)
+            for i, s in enumerate(sset.sliders)]
 
 
 # ---------------------------------------------------------------- --slider references

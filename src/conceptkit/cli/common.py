@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Optional
 
 import typer
@@ -76,7 +78,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id in the local cache, diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
         show_default=False,
     ),
 ]
@@ -84,7 +86,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option(help="Diffusers config folder (or cached hub id) for a single-file .safetensors model.", show_default=False),
+    typer.Option(help="Diffusers config folder (or hub id) for a single-file .safetensors model.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -104,12 +106,27 @@ def _quiet_libraries() -> None:
     if _state["verbose"]:
         return
     warnings.filterwarnings("ignore")
+    # Read when each library is imported; one already imported is told directly. Importing them here
+    # would cost seconds on commands that fail before loading a model (an offline, missing model).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("transformers", "diffusers"):  # already imported (tests, a library user): set it directly
         module = sys.modules.get(name)
         if module is not None:
             module.logging.set_verbosity_error()
+
+
+def _terminate_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM (a `kill`, a job scheduler, a container stop) stops a command as Ctrl-C does: finished
+    work is kept, temporary files are removed, exit 130. Only in the main thread, where signals land."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
 
 
 def command(fn):
@@ -120,6 +137,7 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        _handle_sigterm()
         try:
             limits.check(name, kwargs)
             limits.check_outputs(kwargs)
@@ -143,10 +161,24 @@ def command(fn):
     return wrapper
 
 
-def load(model: str | None, device: str, dtype: str, config: Path | None):
-    from conceptkit.models import load_model
+def load(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
+    """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
+
+    Args:
+        encoders: `--encoder` specs the run will load after the model (`auto` resolves against the model).
+    """
+    import torch
+
+    from conceptkit import features, hub
+    from conceptkit.models import hub_needs, load_model, resolve_device, resolve_dtype
 
     spec = model_spec(model)
+    half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
+    needs = hub_needs(spec, config, prefer_fp16=half)
+    for encoder in encoders:
+        needs += features.hub_needs(encoder or "auto", spec)
+    # one unwrapped line per repository to download, then huggingface_hub's progress bars
+    hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):
         return load_model(spec, device=device, dtype=dtype, config=config)
 
@@ -165,7 +197,11 @@ def main(
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
     ] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Download nothing: use the local Hugging Face cache only (as HF_HUB_OFFLINE=1 does).")] = False,
 ) -> None:
+    from conceptkit import hub
+
     _state["verbose"] = verbose
+    hub.set_offline(offline)
 
 

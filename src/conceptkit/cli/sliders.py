@@ -38,6 +38,11 @@ sliders_app = typer.Typer(cls=_TrainByDefault, no_args_is_help=True,
 app.add_typer(sliders_app, name="sliders")
 
 
+def _warn(message: str) -> None:
+    """One warning line on stderr, never wrapped."""
+    ui.err.print(f"warning: {message}", soft_wrap=True, markup=False, highlight=False)
+
+
 def _table(sset) -> None:
     ui.table(f"sliders {sset.name} ({sset.prompt!r}, {sset.manifest['model']['spec']}, {sset.manifest['encoder']})",
              ["index", "label", "explained variance", "effect size", "alignment"],
@@ -52,9 +57,9 @@ def train(
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
     samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Harvested trajectories. Default by model: 16 on the toy and test models, 1000 on SD 1.x/2.x, SDXL and few-step models (the reference's).", show_default=False)] = None,
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
-    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (from the local cache) otherwise.")] = "auto",
+    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
-    targets: Annotated[str, typer.Option(help="Regex of UNet modules that get sliders.")] = r".*attn2\.(to_k|to_v)",
+    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
@@ -64,7 +69,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Set name. Default: the prompt, slugified.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set of that name trained with other settings.")] = False,
-    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format (lora_unet_...) to this folder.", show_default=False)] = None,
+    export: Annotated[Optional[Path], typer.Option(help="Also write the sliders in kohya format to this folder (for ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (defaults used, trajectories, steps, disk, estimated time) and stop.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
@@ -92,16 +97,21 @@ def train(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = load(model, device, dtype, config)
+    loaded = load(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
+    from conceptkit.slider_layers import select_targets
+
+    try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
+        select_targets(loaded.pipe.unet, targets)
+    except ValueError as exc:
+        raise UsageError(f"--targets {targets!r}: {exc}") from None
     profile = slider_defaults.for_model(loaded)
     values, from_profile = slider_defaults.resolve(profile, **given)
     cfg = settings(values)
     defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
-    if from_profile and proc == 0:
-        ui.info(f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
-                + f" ({profile.why})")
+    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
+            + f" ({profile.why})") if from_profile else None
     if dry_run:
-        _dry_run(loaded, cfg, defaults_doc, json_out)
+        _dry_run(loaded, cfg, defaults_doc, json_out, used)
         return
     with ui.progress("sliders", unit="steps", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         sset = run(loaded, cfg, progress=bar, stage=ui.info if sys.stderr.isatty() else None, on_wait=ui.info)
@@ -109,15 +119,17 @@ def train(
         return
     doc = {**sset.to_json(), "defaults": defaults_doc}
     if export is not None:
-        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export)]
+        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export, warn=_warn)]
     if json_out:
         ui.print_json(doc)
         return
     _table(sset)
+    if used:
+        ui.info(used)
     ui.info(f"set {sset.name}  {sset.path}" + ("  (cached)" if sset.cached else f"  {sset.seconds:.0f}s"))
 
 
-def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool) -> None:
+def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) -> None:
     """The plan of a run: what it will harvest and train, the harvest's disk size, an estimated time."""
     from conceptkit.slider_plan import make_plan
 
@@ -134,6 +146,8 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool) -> None:
              [(plan.trajectories, plan.steps, f"{plan.guidance:g}", plan.train_steps, plan.pairs,
                ui.human_size(plan.harvest_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
                ui.human_age(plan.train_s))])
+    if used:
+        ui.info(used)
     ui.info("estimates from the measured call: one per harvest batch and step; per training step one batched pass "
             "with backward (decoding and embedding left out); nothing was written")
 
@@ -189,7 +203,7 @@ def rename(
 def export(
     name: Annotated[str, typer.Argument(help="Set name.")],
     folder: Annotated[Path, typer.Argument(help="Output folder.")],
-    format: Annotated[str, typer.Option("--format", help="kohya (lora_unet_... keys, for ComfyUI / AUTOMATIC1111).")] = "kohya",
+    format: Annotated[str, typer.Option("--format", help="kohya: lora_unet_... keys with alpha and an ss_/modelspec header, which ComfyUI, AUTOMATIC1111, Forge, diffusers and kohya sd-scripts load (LDM names for SDXL).")] = "kohya",
     workflow: Annotated[Optional[list[str]], typer.Option("--workflow", help="Also write, repeatable: comfyui (an API-format workflow applying the sliders with LoRA hook keyframes from the set's start on) or a1111 (prompts for sd-webui-loractl and plain <lora:...> tags).", show_default=False)] = None,
     slider: Annotated[Optional[list[str]], typer.Option("--slider", "-s", help="LABEL_OR_INDEX=SCALE, repeatable: the sliders the workflow and prompts use, at these strengths (-20 to 20). Default: every slider at 0.", show_default=False)] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="The checkpoint file the ComfyUI workflow loads (its name in ComfyUI/models/checkpoints). Default: the set's model file, for a single-file model.", show_default=False)] = None,
@@ -198,7 +212,7 @@ def export(
     negative: Annotated[str, typer.Option(help="Negative prompt of the workflow and prompts.")] = "",
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a set's sliders in kohya format, and optionally a ComfyUI workflow and A1111 prompts that keep the slider window."""
+    """Write a set's sliders in kohya format (the file every other tool loads), and optionally a ComfyUI workflow and A1111 prompts that keep the slider window."""
     from conceptkit.slider_clients import ClientSettings, parse_strengths, write_clients
     from conceptkit.slider_sets import export_kohya, load_set
 
@@ -216,7 +230,7 @@ def export(
     if "comfyui" in formats and cfg.checkpoint is None:
         raise UsageError(f"--checkpoint: name the checkpoint file ComfyUI loads for {model['spec']} "
                          "(in ComfyUI/models/checkpoints), e.g. --checkpoint sd15.safetensors")
-    paths = export_kohya(name, folder)
+    paths = export_kohya(name, folder, warn=_warn)
     clients = write_clients(sset, folder, formats, cfg) if formats else None
     if json_out:
         doc = {"name": name, "files": [str(p) for p in paths]}
