@@ -1,4 +1,4 @@
-"""`conceptkit evaluate sliders SET`: SliderSpace's concept-decomposition experiment on a slider set.
+"""`conceptkit evaluate sliders SET|FILE`: SliderSpace's concept-decomposition experiment on a slider set (or a LoRA file, `lora_eval.py`).
 
 Gandikota et al. (2025), Sec. 5.2: N images of the prompt from the base model and N with a random
 sparse combination of sliders each (3 per image, strengths uniform in [-scale, scale], seeded);
@@ -195,7 +195,9 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     # 1. base images, and images with a random sparse combination of sliders (same seeds)
     weights = random_combinations(cfg.count, k, cfg.per_image, cfg.scale, cfg.seed)
     base = draw(model, None, sset.prompt, seeds, None, steps, guidance, cfg.batch_size, tick)
-    mod = SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders], cfg_batches=guidance > 1.0)
+    make = getattr(sset, "modification", None)  # a LoRA file (lora_eval.LoraFileSet) brings its own adapter
+    mod = make(model, guidance > 1.0) if make else SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders],
+                                                                      cfg_batches=guidance > 1.0)
     try:
         slid = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
         # 2. each slider alone at -s and +s on the first effect_count seeds

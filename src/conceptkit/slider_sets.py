@@ -107,7 +107,9 @@ def export_kohya(name: str, folder: Path, warn: Callable[[str], None] | None = N
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export folder {folder} is a file")
-    jobs = [(slider_path(sset, s), store.inside(folder, f"{sset.name}-{s.index:02d}-{store.slugify(s.label)}.safetensors",
+    from conceptkit.infotext import slider_lora_name
+
+    jobs = [(slider_path(sset, s), store.inside(folder, f"{slider_lora_name(sset.name, s.index, s.label)}.safetensors",
                                                  "export file")) for s in sset.sliders]
     return [write(src, dest, warn=warn if i == 0 else None) for i, (src, dest) in enumerate(jobs)]
 
@@ -141,7 +143,7 @@ def parse_ref(text: str) -> SliderRef:
     except ValueError:
         raise UsageError(f"--slider {text!r}: scale {m['scale']!r} is not a number") from None
     if not math.isfinite(scale) or abs(scale) > MAX_STRENGTH:
-        raise UsageError(f"--slider {text!r}: scale must be between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
+        raise UsageError(f"--slider {text!r}: scale must be a finite number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     if m["set"] is not None:
         store.check_name(m["set"], "slider set name")
     return SliderRef(m["set"], m["slider"], scale)

@@ -206,16 +206,40 @@ def export(
     name: Annotated[str, typer.Argument(help="Set name.")],
     folder: Annotated[Path, typer.Argument(help="Output folder.")],
     format: Annotated[str, typer.Option("--format", help="kohya: lora_unet_... keys with alpha and an ss_/modelspec header, which ComfyUI, AUTOMATIC1111, Forge, diffusers and kohya sd-scripts load (LDM names for SDXL).")] = "kohya",
+    workflow: Annotated[Optional[list[str]], typer.Option("--workflow", help="Also write, repeatable: comfyui (an API-format workflow applying the sliders with LoRA hook keyframes from the set's start on) or a1111 (prompts for sd-webui-loractl and plain <lora:...> tags).", show_default=False)] = None,
+    slider: Annotated[Optional[list[str]], typer.Option("--slider", "-s", help="LABEL_OR_INDEX=SCALE, repeatable: the sliders the workflow and prompts use, at these strengths (-20 to 20). Default: every slider at 0.", show_default=False)] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="The checkpoint file the ComfyUI workflow loads (its name in ComfyUI/models/checkpoints). Default: the set's model file, for a single-file model.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps of the workflow and prompts. Default: the set's.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the workflow and prompts.")] = 0,
+    negative: Annotated[str, typer.Option(help="Negative prompt of the workflow and prompts.")] = "",
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a set's sliders in kohya format, the file every other tool loads."""
-    from conceptkit.slider_sets import export_kohya
+    """Write a set's sliders in kohya format (the file every other tool loads), and optionally a ComfyUI workflow and A1111 prompts that keep the slider window."""
+    from conceptkit.slider_clients import ClientSettings, parse_strengths, write_clients
+    from conceptkit.slider_sets import export_kohya, load_set
 
     if format != "kohya":
         raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")
+    formats = tuple(dict.fromkeys(workflow or ()))
+    for f in formats:
+        if f not in ("comfyui", "a1111"):
+            raise UsageError(f"unknown --workflow {f!r}; choose comfyui or a1111")
+    sset = load_set(name)
+    model = sset.manifest["model"]
+    if checkpoint is None and model.get("source") == "single-file":
+        checkpoint = Path(model["spec"]).name
+    cfg = ClientSettings(parse_strengths(sset, slider or ()), checkpoint=checkpoint, seed=seed, steps=steps, negative=negative)
+    if "comfyui" in formats and cfg.checkpoint is None:
+        raise UsageError(f"--checkpoint: name the checkpoint file ComfyUI loads for {model['spec']} "
+                         "(in ComfyUI/models/checkpoints), e.g. --checkpoint sd15.safetensors")
     paths = export_kohya(name, folder, warn=_warn)
+    clients = write_clients(sset, folder, formats, cfg) if formats else None
     if json_out:
-        ui.print_json({"name": name, "files": [str(p) for p in paths]})
+        doc = {"name": name, "files": [str(p) for p in paths]}
+        if clients is not None:
+            doc.update({"workflows": [str(p) for p in clients.files], "steps": clients.steps, "first_step": clients.first_step,
+                        "comfyui_start_percent": clients.start_percent, **({"a1111": clients.a1111} if clients.a1111 else {})})
+        ui.print_json(doc)
         return
-    for p in paths:
+    for p in paths + (clients.files if clients else []):
         ui.info(str(p))
