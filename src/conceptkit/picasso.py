@@ -11,6 +11,7 @@ a per-pixel segmentation; and timestep x timestep similarity maps per sub-concep
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -298,8 +299,16 @@ def cluster_rows(stats: NeuronStats, res: Picasso) -> list[dict[str, Any]]:
     return rows
 
 
-def save(stats: NeuronStats, res: Picasso, on_wait=None) -> tuple[str, Path, dict[str, str]]:
-    """Write the arrays of a clustering to the store: (key, folder, {name: path})."""
+def save(stats: NeuronStats, res: Picasso, on_wait=None,
+         figures: Callable[[Path], dict[str, str]] | None = None,
+         describe: Callable[[str, Path, dict[str, str], dict[str, str]], dict[str, Any]] | None = None,
+         ) -> tuple[str, Path, dict[str, str], dict[str, str]]:
+    """Write a clustering as one artifact: (key, folder, {array: path}, {figure: path}).
+
+    The arrays, the figures that `figures(folder)` draws into the folder it is given, and the
+    manifest `describe(key, folder, arrays, figures)` returns are written into a temporary folder
+    that is then renamed into place, so a kill leaves the old artifact or the new one, never a part.
+    """
     key = cluster_key(stats, res.config)
     art = store.artifact("cluster", key)
     sel, fit = res.selection, res.clustering
@@ -311,17 +320,22 @@ def save(stats: NeuronStats, res: Picasso, on_wait=None) -> tuple[str, Path, dic
     if res.similarity is not None:
         arrays.update(similarity_jaccard=res.similarity.jaccard, similarity_cluster_jaccard=res.similarity.cluster_jaccard,
                       similarity_cluster_correlation=res.similarity.cluster_correlation)
-    paths = {}
     with art.lock(on_wait=on_wait):
-        for name, a in arrays.items():
-            _save_npy(art.path / f"{name}.npy", np.asarray(a))
-            paths[name] = str(art.path / f"{name}.npy")
-    return key, art.path, paths
-
-
-def write_manifest(art_path: Path, doc: dict[str, Any]) -> None:
-    art = store.Artifact("cluster", art_path.name, art_path)
-    art.write_manifest({"created": time.time(), "complete": True, **doc})
+        tmp = art.path.parent / f".tmp-{key}-{os.getpid()}"
+        store.remove_tree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            for name, a in arrays.items():
+                _save_npy(tmp / f"{name}.npy", np.asarray(a))
+            paths = {name: str(art.path / f"{name}.npy") for name in arrays}
+            drawn = figures(tmp) if figures is not None else {}
+            images = {name: str(art.path / Path(p).name) for name, p in drawn.items()}
+            doc = describe(key, art.path, paths, images) if describe is not None else {}
+            store.Artifact("cluster", key, tmp).write_manifest({"created": time.time(), "complete": True, **doc})
+            store.publish(tmp, art.path)
+        finally:
+            store.remove_tree(tmp)  # already moved into place unless something failed
+    return key, art.path, paths, images
 
 
 def scores_dict(scores: ClusterScores | None, seconds: float) -> dict[str, float | None]:

@@ -252,11 +252,7 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             if rank == 0 and work.is_dir() and not any(work.glob("checkpoint*.safetensors")):
                 shutil.rmtree(work, ignore_errors=True)  # nothing to resume from (a full disk, an early failure)
         if rank == 0:
-            if art.path.exists():
-                old = art.path.with_name(f".old-{name}-{os.getpid()}")
-                os.replace(art.path, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, art.path)
+            store.publish(tmp, art.path)
             shutil.rmtree(work, ignore_errors=True)
         _barrier(world)
         return from_manifest(art.path, art.manifest(), seconds=time.perf_counter() - started)

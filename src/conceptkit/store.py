@@ -322,6 +322,16 @@ def heal(art: Artifact, say=None) -> bool:
         return True
 
 
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished temporary folder into place as `dest`, replacing what was there: readers see
+    the old artifact or the new one, never a half-written mix."""
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        remove_tree(old)
+    os.replace(tmp, dest)
+
+
 def remove_tree(path: Path) -> None:
     """Remove an artifact folder; a link (the folder itself or anything inside) goes, never its target."""
     path = Path(path)
