@@ -264,8 +264,60 @@ def test_a_killed_training_leaves_no_set_and_a_rerun_resumes(tmp_path, monkeypat
     assert art.exists() and len(sset.sliders) == 2 and not (art.path.parent / ".work-a-cube").exists()
     again = run(model, cfg)
     assert again.cached
+    clean = run(model, SlidersConfig("a cube", name="a-cube-clean", count=2, samples=4, encoder="pixel", train=TrainSettings(steps=6)))
+    _same_factors(sset, clean)  # the killed-and-resumed training ends where an uninterrupted one does
     with pytest.raises(UsageError, match="--overwrite"):
         run(model, SlidersConfig("a cube", count=2, samples=4, encoder="pixel", train=TrainSettings(steps=2)))
+
+
+def _same_factors(a, b, rtol=1e-4):
+    from conceptkit.slider_files import load_slider_file
+
+    for sa, sb in zip(a.sliders, b.sliders):
+        fa, fb = load_slider_file(a.path / sa.file).factors, load_slider_file(b.path / sb.file).factors
+        for name in fa.lora_A:
+            for x, y in ((fa.lora_A[name], fb.lora_A[name]), (fa.lora_B[name], fb.lora_B[name])):
+                assert torch.allclose(x, y, rtol=rtol, atol=1e-6 * float(y.abs().max())), (sa.file, name)
+
+
+@pytest.mark.slow
+def test_sliders_killed_with_sigkill_at_random_points_resume_to_the_uninterrupted_set(tmp_path):
+    """Real SIGKILLs at random moments of harvest, training and the final write; each rerun resumes,
+    and the finished set equals an uninterrupted run's within float tolerance."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conceptkit.slider_sets import load_set
+
+    args = [sys.executable, "-m", "conceptkit", "sliders", "a cube", "-m", "tiny-sd", "--count", "2", "--samples", "4",
+            "--train-steps", "60", "--encoder", "pixel", "--json"]
+    clean_home, killed_home = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(clean_home)}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    full = time.monotonic() - start
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = subprocess.Popen(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.2, 1.0) * full)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr
+    old = os.environ.get("CONCEPTKIT_HOME")
+    try:
+        os.environ["CONCEPTKIT_HOME"] = str(clean_home)
+        a = load_set("a-cube")
+        os.environ["CONCEPTKIT_HOME"] = str(killed_home)
+        b = load_set("a-cube")
+        _same_factors(b, a)
+    finally:
+        os.environ["CONCEPTKIT_HOME"] = old
 
 
 # ---------------------------------------------------------------- command line
