@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conceptkit import evaluation, store
 from conceptkit.cli import app
+from _sets import train_tiny_set
 from _cli import one_line_error
 from test_lora_import import kohya_file
 
@@ -22,17 +23,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-slider tiny-sd set (pixel encoder) and a kohya LoRA file for the same UNet."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig
-    from conceptkit.sliders import run as train
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = train(model, SlidersConfig("a shape", count=2, samples=4, encoder="pixel",
-                                          train=TrainSettings(steps=3, pairs=2, lr=2e-2)))
+    model, sset = train_tiny_set(tmp_path_factory, count=2, samples=4, steps=3, lr=2e-2)
     lora = kohya_file(model.pipe.unet, tmp_path_factory.mktemp("loras") / "published-slider.safetensors", std=0.4)
     return sset, lora
 

@@ -16,6 +16,7 @@ from conceptkit import store
 from conceptkit.cli import app
 from conceptkit.infotext import Infotext, format_infotext, parse_infotext
 from conceptkit.slider_clients import comfy_start_percent, first_step, loractl_tag
+from _sets import train_tiny_set
 from _cli import one_line_error
 
 runner = CliRunner()
@@ -25,17 +26,7 @@ NODES = json.loads((Path(__file__).parent / "data" / "comfyui_nodes.json").read_
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-slider tiny-sd set (pixel encoder), briefly trained once."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig
-    from conceptkit.sliders import run as train
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = train(model, SlidersConfig("a shape", count=3, samples=4, encoder="pixel",
-                                          train=TrainSettings(steps=4, pairs=2, lr=2e-2, start=0.3)))
+    _, sset = train_tiny_set(tmp_path_factory, count=3, samples=4, steps=4, lr=2e-2, start=0.3)
     return sset
 
 

@@ -15,6 +15,7 @@ from conceptkit.cli import app
 from conceptkit.errors import UsageError
 from conceptkit.slider_labels import alignment, assign_labels
 from conceptkit.slider_train import TrainSettings, principal_directions, slider_loss
+from _sets import train_tiny_set
 from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
@@ -131,14 +132,7 @@ def test_config_checks(kwargs, fragment):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-slider set on tiny-sd (pixel encoder), trained once; copied into each test's store."""
-    from conceptkit.models import load_model
-    from conceptkit.sliders import SlidersConfig, run
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = run(model, SlidersConfig("a shape", **SMALL, train=TrainSettings(steps=TRAIN_STEPS, pairs=2, lr=1e-2)))
+    model, sset = train_tiny_set(tmp_path_factory, count=SMALL["count"], samples=SMALL["samples"], steps=TRAIN_STEPS, lr=1e-2)
     return model, sset
 
 
