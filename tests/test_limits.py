@@ -52,7 +52,7 @@ def test_every_numeric_option_of_every_command_has_a_declared_range():
     (["sliders", "a cat", "--lr", "inf"], "--lr must be a finite number"),
     (["sliders", "a cat", "--count", "65"], "--count must be between 1 and 64"),
     (["generate", "a cat", "--count", "0"], "--count must be between 1 and 100000"),
-    (["generate", "a cat", "--slider", "0=1e30"], "scale must be between -100 and 100"),
+    (["generate", "a cat", "--slider", "0=1e30"], "scale must be a finite number between -100 and 100"),
     (["generate", "a cat", "--sweep", "0=-1e30:2:5"], "LO, HI between -100 and 100"),
     (["cluster", "a red circle", "--k", "1"], "--k must be between 2 and 256"),
     (["cluster", "a red circle", "--sweep-temporal-dim", "1:100000000"], "at most 64"),

@@ -181,7 +181,7 @@ def test_cluster_json_metrics_recompute_from_saved_arrays_and_sweeps_plot(tmp_pa
         (["--tau", "1.0"], "--tau"),
         (["--tau", "-0.1"], "--tau"),
         (["--k", "1"], "--k"),
-        (["--k", "100000"], "more than"),
+        (["--k", "100000"], "--k must be between 2 and 256"),
         (["--concept", "dog"], "'dog' is not in the prompt"),
         (["--temporal-dim", "0"], "--temporal-dim"),
         (["--tau-mode", "median"], "--tau-mode"),
