@@ -168,3 +168,40 @@ def test_a_harvest_that_will_not_fit_on_the_disk_is_refused_before_sampling(monk
     with pytest.raises(StoreError, match="needs about .* on disk"):
         harvest.run(model, cfg)
     assert not list(Path(os.environ["CONCEPTKIT_HOME"]).rglob("shard-*"))
+
+
+def test_manifests_are_strict_json_too(tmp_path):
+    from conceptkit import store
+
+    store.write_json(tmp_path / "m.json", {"loss": {"first": float("nan"), "last": 0.5}, "xs": [float("inf")]})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "loss": {"first": None, "last": 0.5}, "xs": [None]}
+
+
+def test_sliders_dry_run_prints_the_plan_with_the_model_s_defaults_and_writes_nothing():
+    r = invoke("sliders", "a cat", "-m", "tiny-sd", "--count", "2", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["dry_run"] is True and doc["defaults"]["profile"] == "test-model"
+    assert doc["defaults"]["from_profile"] == ["samples", "train_steps", "pairs", "lr"]
+    plan = doc["plan"]
+    assert plan["trajectories"] == 16 and plan["train_steps"] == 100 and plan["sliders"] == 2
+    assert plan["harvest_bytes"] == 16 * plan["steps"] * 2 * 4 * 16 * 16 * 2  # tiny-sd latents are 4 x 16 x 16
+    assert plan["unet_call_s"] > 0 and plan["harvest_s"] > 0 and plan["train_s"] > 0
+    assert not Path(os.environ["CONCEPTKIT_HOME"]).exists() or not list(Path(os.environ["CONCEPTKIT_HOME"]).rglob("manifest.json"))
+    given = json.loads(invoke("sliders", "a cat", "-m", "tiny-sd", "--samples", "8", "--lr", "0.01", "--dry-run", "--json").stdout)
+    assert given["defaults"]["from_profile"] == ["train_steps", "pairs"] and given["plan"]["trajectories"] == 8
+
+
+def test_each_kind_of_model_gets_its_own_slider_defaults():
+    from conceptkit import slider_defaults as sd
+
+    assert sd.profile_name("toy", "sd1", 20) == "toy"
+    assert sd.profile_name("tiny-sdxl", "sdxl", 20) == "test-model"
+    assert sd.profile_name("runwayml/stable-diffusion-v1-5", "sd1", 50) == "sd"
+    assert sd.profile_name("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 30) == "sdxl"
+    assert sd.profile_name("stabilityai/sdxl-turbo", "sdxl", 1) == "few-step"
+    ref = sd.PROFILES["sdxl"]
+    assert (ref.samples, ref.train_steps, ref.pairs, ref.lr) == (1000, 3000, 1, 2e-3)  # the reference implementation's
+    values, from_profile = sd.resolve(ref, samples=None, train_steps=50, pairs=None, lr=None)
+    assert values == {"samples": 1000, "train_steps": 50, "pairs": 1, "lr": 2e-3} and from_profile == ["samples", "pairs", "lr"]

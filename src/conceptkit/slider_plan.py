@@ -17,6 +17,7 @@ class Plan:
     guidance: float
     latent_shape: tuple[int, int, int]  # (C, h, w)
     harvest_bytes: int  # x0 and x_t of every step, float16
+    pca_memory_bytes: int  # the harvest held in float32 for the PCA
     sliders: int
     train_steps: int
     pairs: int
@@ -71,6 +72,7 @@ def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: flo
     return Plan(
         trajectories=samples, steps=steps, guidance=guidance, latent_shape=shape,
         harvest_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 2,  # x0 and x_t, float16, every step
+        pca_memory_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 4,
         sliders=count, train_steps=train_steps, pairs=pairs, batch=batch, unet_call_s=round(call, 4),
         harvest_s=round(-(-samples // batch) * steps * call, 1),
         # backward costs about twice a forward pass; decoding and embedding x0 are left out

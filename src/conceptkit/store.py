@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit import __version__
+from conceptkit.jsondata import finite_json
 from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError, StoreError, UsageError
 from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest
 
@@ -131,7 +132,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(finite_json(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

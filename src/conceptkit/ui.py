@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from conceptkit.jsondata import finite_json
+
 
 def _console() -> Console:
     """stderr; off a terminal (a log file, CI, a pipe) wide enough that tables are not cut to 80 columns."""
@@ -34,17 +36,6 @@ def info(message: str) -> None:
 
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-
-
-def finite_json(data: Any) -> Any:
-    """The same data with NaN and infinities as null: strict JSON that every reader accepts."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: finite_json(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_json(v) for v in data]
-    return data
 
 
 def print_json(data: Any) -> None:

@@ -141,10 +141,10 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) 
         ui.print_json(doc)
         return
     ui.table(f"plan: {cfg.count} sliders for {cfg.prompt!r} on {loaded.spec} ({loaded.arch}, {defaults_doc['profile']} defaults)",
-             ["trajectories", "steps", "guidance", "train steps", "pairs", "harvest on disk", "one UNet call",
+             ["trajectories", "steps", "guidance", "train steps", "pairs", "harvest on disk", "in memory", "one UNet call",
               "harvest (est.)", "training (est.)"],
              [(plan.trajectories, plan.steps, f"{plan.guidance:g}", plan.train_steps, plan.pairs,
-               ui.human_size(plan.harvest_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
+               ui.human_size(plan.harvest_bytes), ui.human_size(plan.pca_memory_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
                ui.human_age(plan.train_s))])
     if used:
         ui.info(used)
