@@ -280,3 +280,42 @@ def test_a_cluster_killed_while_drawing_its_figures_leaves_no_partial_artifact(m
     assert json.loads((folder / "manifest.json").read_text())["images"] == doc["images"]
     assert not [p for p in base.iterdir() if p.name.startswith(".tmp") or p.name.startswith(".old")]
     assert os.path.samefile(folder.parent, base)
+
+
+@pytest.mark.slow
+def test_cluster_killed_with_sigkill_at_random_points_ends_like_an_uninterrupted_run(tmp_path):
+    """Real SIGKILLs during harvest, neuron statistics, clustering and the final write; the rerun's
+    arrays and figures equal an uninterrupted run's, and no partial artifact is ever listed."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    args = [sys.executable, "-m", "conceptkit", "cluster", "a red circle", *TINY, "--k", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    clean = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(tmp_path / "clean")}, capture_output=True, text=True, timeout=900)
+    assert clean.returncode == 0, clean.stderr
+    full = time.monotonic() - start
+    rng = random.Random(1)
+    killed_home = tmp_path / "killed"
+    for _ in range(4):
+        proc = subprocess.Popen(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.3, 1.0) * full)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for folder in (killed_home / "cache" / "cluster").glob("*") if (killed_home / "cache" / "cluster").exists() else []:
+            if folder.is_dir() and not folder.name.startswith("."):  # a listed artifact is always whole
+                assert (folder / "manifest.json").is_file() and len(list(folder.glob("*.png"))) == 3
+    final = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr
+    a, b = json.loads(clean.stdout), json.loads(final.stdout)
+    assert a["key"] == b["key"]
+    for name in ("labels", "membership", "centre_maps"):
+        assert np.allclose(np.load(a["arrays"][name]), np.load(b["arrays"][name]), atol=1e-5), name
+    assert sorted(Path(p).name for p in b["images"].values()) == ["centre_maps.png", "segmentation.png", "similarity.png"]
