@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 ROWS = ("sliders", "random", "prompt_edits")
+ROW_TITLES = {"sliders": "sliders", "random": "random rank-1, same norms", "prompt_edits": "prompt edits (ceiling)"}
 
 
 @dataclass(frozen=True)
