@@ -4,6 +4,7 @@ Usage:
   python bench/sliders.py time    [--model toy] [--count 8]          # `conceptkit sliders "a shape" --count 8`, defaults
   python bench/sliders.py ratio   [--model toy] [--count 8] [--pairs 4] [--repeat 3]
   python bench/sliders.py factors --set a-shape [--seeds 64] [--seed 0] [--strength 2] [--top 8] [--out DIR]   # toy only
+  python bench/sliders.py stages  --set a-shape [--images DIR/factors-a-shape-0-64.npz]   # toy only: bench/stages.py
 Add --json for one JSON document on stdout. `--model toy-arch` builds the toy's architecture from a
 toy training folder (`--toy-train toy-train`: its exported VAE and CLIP, a random UNet) for timings
 while the toy UNet is still training.
@@ -163,6 +164,13 @@ def cmd_factors(a) -> dict:
             "settings": sset.manifest["settings"], **tab}
 
 
+def cmd_stages(a) -> dict:
+    """Where the set loses purity: PCA, training and images, each against its ceiling (bench/stages.py)."""
+    from bench import stages
+
+    return stages.run(a)
+
+
 def render_table(tab: dict) -> None:
     """The three rows on stderr, each purity beside its effect size."""
     log(f"  noise floor (TV between two {tab['seeds']}-seed halves of {tab['base_seeds']} base seeds): "
@@ -198,7 +206,7 @@ def prompt_edits(model, sset, seeds: list[int]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("time", "ratio", "factors"))
+    p.add_argument("what", choices=("time", "ratio", "factors", "stages"))
     p.add_argument("--model", default="toy")
     p.add_argument("--toy-train", type=Path, default=Path("toy-train"))
     p.add_argument("--encoder", default=None)
@@ -211,11 +219,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="factors: also write the images (.npz) to this folder")
     p.add_argument("--strength", type=float, default=2.0)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--scenes", type=int, default=4000, help="stages: rendered world scenes behind the factor subspaces")
+    p.add_argument("--images", type=Path, default=None, help="stages: a `factors --out` .npz (the image-shift stage)")
+    p.add_argument("--pca-samples", default="16,64", help="stages: harvest sizes of the PCA variants, comma-separated")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    doc = {"time": cmd_time, "ratio": cmd_ratio, "factors": cmd_factors}[a.what](a)
+    doc = {"time": cmd_time, "ratio": cmd_ratio, "factors": cmd_factors, "stages": cmd_stages}[a.what](a)
     if a.json:
         print(json.dumps(doc, indent=2))
     else:

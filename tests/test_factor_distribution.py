@@ -98,3 +98,26 @@ def test_distribution_table_on_rendered_scenes():
     assert tab["seeds"] == n and tab["base_seeds"] == 2 * n and 0 < tab["floor"]["colour"] < 1
     per_seed = factors.table([render(red)], [render(rolled)], [1], ["left"])["per_slider"][0]
     assert per_seed["purity"] < 0.75
+
+
+# ---------------------------------------------------------------- factor subspaces (`toy.subspaces`)
+
+
+def test_mean_difference_basis_and_composition_by_hand():
+    from conceptkit.toy.subspaces import captured, composition, mean_difference_basis, principal_cosines
+
+    # three values sit at +e0, -e0 and +e0 + 2 e1 (plus a constant): their mean differences span {e0, e1}
+    centres = np.array([[1.0, 0, 0, 5], [-1, 0, 0, 5], [1, 2, 0, 5]])
+    x = np.repeat(centres, 4, axis=0)
+    basis = mean_difference_basis(x, np.repeat([0, 1, 2], 4))
+    assert basis.shape == (2, 4) and np.allclose(basis @ basis.T, np.eye(2))
+    assert np.allclose(np.abs(basis[:, 2:]), 0)  # e2 and the constant e3 are not in it
+    e = np.eye(4)
+    # composition: squared length inside each span; a direction at 45 degrees between e0 and e2 is half inside
+    comp = composition(np.array([e[0], (e[0] + e[2]) * 3, e[3], np.zeros(4)]), [basis, e[2:3]])
+    assert np.allclose(comp, [[1, 0], [0.5, 0.5], [0, 0], [0, 0]])
+    # principal angles: span{e0, e1} vs span{e0, (e1 + e2)/sqrt2}: cosines 1 and 1/sqrt2
+    assert np.allclose(principal_cosines(e[:2], np.stack([e[0], (e[1] + e[2]) / np.sqrt(2)])), [1, 1 / np.sqrt(2)])
+    assert captured(e[:2], e[1:2]) == pytest.approx(0.5) and captured(e[1:2], e[:2]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="labels"):
+        mean_difference_basis(x, np.zeros(3))
