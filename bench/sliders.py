@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=4000, help="stages: rendered world scenes behind the factor subspaces")
     p.add_argument("--images", type=Path, default=None, help="stages: a `factors --out` .npz (the image-shift stage)")
     p.add_argument("--pca-samples", default="16,64", help="stages: harvest sizes of the PCA variants, comma-separated")
+    p.add_argument("--sweep", action="store_true", help="stages: also retrain the set with one training setting changed at a time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()

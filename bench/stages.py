@@ -1,13 +1,14 @@
 """Where a toy slider set loses purity, stage by stage, each against its own ceiling.
 
-    python bench/sliders.py stages --set a-shape [--scenes 4000] [--images FACTORS.npz] [--pca-samples 16,64]
+    python bench/sliders.py stages --set a-shape [--scenes 4000] [--images FACTORS.npz] [--pca-samples 16,64] [--sweep]
 
 1. PCA: the factor subspaces of the encoder's space, from the world generator's labelled scenes
    (value-mean differences of each factor, `toy.subspaces`), against the top-K PCA directions of
    the set (and of variants of its harvest: more trajectories, `--x0 final`, only the steps inside
    the slider window, whitened); ceiling: PCA of the clean rendered scenes themselves.
 2. Training: each slider's alignment (cosine of its measured shift with its direction, from the
-   set's manifest); ceiling 1.
+   set's manifest); ceiling 1. `--sweep` trains the set again with one training setting changed
+   at a time (`SWEEP`) and reports each run's alignment.
 3. Images: with `--images` (`bench/sliders.py factors --out`), the mean embedding shift between
    +s and -s of each slider's images and of each prompt edit, decomposed the same way, beside the
    analyser's distribution purity; the prompt edits are the model's ceiling.
@@ -104,6 +105,44 @@ def image_shifts(npz: Path, encoder) -> dict[str, np.ndarray]:
     return out
 
 
+# One knob at a time from the set's own settings (train steps, pairs, learning rate, strength, window start).
+SWEEP = (("steps", 50), ("steps", 200), ("steps", 400), ("pairs", 4), ("lr", 2e-3), ("lr", 1e-2), ("strength", 2.0),
+         ("start", 0.3))
+
+
+def config_from(sset, name: str, **train):
+    """The set's SlidersConfig with `train` settings replaced, under another name."""
+    from dataclasses import replace
+
+    from conceptkit.slider_train import TrainSettings
+    from conceptkit.sliders import SlidersConfig
+
+    st = dict(sset.manifest["settings"])
+    t = replace(TrainSettings(**st.pop("train")), **train)
+    st.pop("name", None)
+    return SlidersConfig(**{**st, "train": t, "name": name, "overwrite": True})
+
+
+def sweep(model, sset, knobs=SWEEP) -> list[dict]:
+    """Train the set again with one training setting changed at a time; each run's alignment and seconds."""
+    import time
+
+    from conceptkit.sliders import run as train_set
+
+    out = []
+    for knob, value in (("default", None), *knobs):
+        cfg = config_from(sset, f"sweep-{knob}-{value}".replace(".", "p"), **({} if value is None else {knob: value}))
+        t0 = time.perf_counter()
+        done = train_set(model, cfg)
+        al = [s.alignment for s in done.sliders]
+        out.append({"knob": knob, "value": value, "name": done.name, "seconds": round(time.perf_counter() - t0, 1),
+                    "mean_alignment": float(np.mean(al)), "alignment": [round(x, 3) for x in al],
+                    "labels": [s.label for s in done.sliders]})
+        log(f"  sweep {knob}={value}: mean alignment {out[-1]['mean_alignment']:.3f} {out[-1]['alignment']} "
+            f"({out[-1]['seconds']} s) labels {out[-1]['labels']}")
+    return out
+
+
 def run(a) -> dict:
     from conceptkit.features import load_encoder
     from conceptkit.models import load_model
@@ -131,6 +170,8 @@ def run(a) -> dict:
            "training": {"alignment": [round(s.alignment, 3) for s in sset.sliders], "labels": [s.label for s in sset.sliders],
                         "mean_alignment": float(np.mean([s.alignment for s in sset.sliders]))}}
     log(f"  training: alignment {doc['training']['alignment']} (mean {doc['training']['mean_alignment']:.3f}, ceiling 1)")
+    if a.sweep:
+        doc["training"]["sweep"] = sweep(model, sset)
     # 3. the images: the embedding shift the sliders make, and the prompt edits' (the model's ceiling)
     if a.images is not None:
         shifts = image_shifts(a.images, encoder)
