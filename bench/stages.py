@@ -64,7 +64,7 @@ def describe(directions: np.ndarray, bases: dict[str, np.ndarray]) -> dict:
             "mean_cos2_all": float((principal_cosines(directions, every) ** 2).mean()),
             "captured": {g: round(captured(b, directions), 3) for g, b in bases.items()},
             "mean_purity": float(np.mean([r["purity"] for r in rows])),
-            "mean_in_factor_span": float(np.mean(inside)), "mains": [r["main"] for r in rows], "per_direction": rows}
+            "mean_in_factor_span": float(np.mean(inside)), "mean_norm": float(np.linalg.norm(directions, axis=1).mean()), "mains": [r["main"] for r in rows], "per_direction": rows}
 
 
 def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, np.ndarray]:
@@ -178,7 +178,7 @@ def run(a) -> dict:
         doc["images"] = {row: describe(s, bases) for row, s in shifts.items()}
         doc["images"]["sliders"]["alignment_with_direction"] = [round(float(c), 3) for c in alignment(shifts["sliders"], directions[: len(shifts["sliders"])])]
         for row, d in doc["images"].items():
-            log(f"  image shift {row:<13} purity {d['mean_purity']:.3f}, in span {d['mean_in_factor_span']:.3f}, mains {d['mains']}, "
+            log(f"  image shift {row:<13} norm {d['mean_norm']:.3f}, purity {d['mean_purity']:.3f}, in span {d['mean_in_factor_span']:.3f}, mains {d['mains']}, "
                 f"shares {[r['shares'] for r in d['per_direction']]}")
         log(f"  image shift alignment with the direction: {doc['images']['sliders']['alignment_with_direction']}")
     return doc
