@@ -46,11 +46,11 @@ def factor_bases(encoder, n_scenes: int, seed: int = 0) -> tuple[dict[str, np.nd
 
 def describe(directions: np.ndarray, bases: dict[str, np.ndarray]) -> dict:
     """How a (K, d) set of directions lines up with the factor subspaces."""
-    from conceptkit.toy.subspaces import captured, composition, orthonormal, principal_cosines
+    from conceptkit.toy.subspaces import captured, composition, decomposition, orthonormal, principal_cosines
 
     core = orthonormal(np.concatenate([bases[g] for g in CORE]))
     every = orthonormal(np.concatenate(list(bases.values())))
-    comp = composition(directions, list(bases.values()))
+    comp = decomposition(directions, list(bases.values()))  # the spans overlap in the encoder's space
     inside = composition(directions, [every])[:, 0]
     names = list(bases)
     rows = []

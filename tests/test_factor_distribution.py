@@ -121,3 +121,18 @@ def test_mean_difference_basis_and_composition_by_hand():
     assert captured(e[:2], e[1:2]) == pytest.approx(0.5) and captured(e[1:2], e[:2]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="labels"):
         mean_difference_basis(x, np.zeros(3))
+
+
+def test_decomposition_separates_overlapping_spans():
+    from conceptkit.toy.subspaces import composition, decomposition
+
+    e = np.eye(3)
+    a, b = e[0:1], ((e[0] + e[1]) / np.sqrt(2))[None]  # two lines 45 degrees apart
+    # a vector on line b projects half onto line a, but is carried by b alone
+    assert np.allclose(composition(b, [a, b]), [[0.5, 1.0]])
+    assert np.allclose(decomposition(b, [a, b]), [[0.0, 1.0]])
+    # e1 = sqrt2 * b - a: parts of squared length 1 (a) and 2 (b); e2 lies outside both spans
+    assert np.allclose(decomposition(np.stack([e[1], e[2]]), [a, b]), [[1 / 3, 2 / 3], [0, 0]])
+    # orthogonal bases: the composition rescaled to sum to 1
+    u = np.array([[1.0, 2.0, 3.0]])
+    assert np.allclose(decomposition(u, [e[0:1], e[1:3]]), composition(u, [e[0:1], e[1:3]]))  # shares 1/14 and 13/14

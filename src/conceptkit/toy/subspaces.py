@@ -64,3 +64,26 @@ def captured(basis: np.ndarray, subspace: np.ndarray) -> float:
     c = principal_cosines(basis, subspace)
     r = len(orthonormal(basis))
     return float((c ** 2).sum() / r) if r else 0.0
+
+
+def decomposition(directions: np.ndarray, bases: Sequence[np.ndarray]) -> np.ndarray:
+    """(K, G) share of each direction's in-span part that each basis carries, when the bases overlap.
+
+    The direction's projection on the union of the spans is written as a sum of one vector per
+    basis (least squares on the stacked bases), and each share is that vector's squared length over
+    the sum of them all. A direction inside one span gets share 1 there even if the spans are not
+    orthogonal; for orthogonal bases the shares are `composition` rescaled to sum to 1.
+    """
+    u = np.asarray(directions, np.float64)
+    if not len(bases):
+        return np.zeros((len(u), 0))
+    a = np.concatenate([np.asarray(b, np.float64) for b in bases]).T  # (d, R)
+    coef, *_ = np.linalg.lstsq(a, u.T, rcond=None)  # (R, K)
+    parts, start = [], 0
+    for b in bases:
+        r = len(b)
+        parts.append(((np.asarray(b, np.float64).T @ coef[start:start + r]) ** 2).sum(0))
+        start += r
+    e = np.stack(parts, 1)
+    total = e.sum(1, keepdims=True)
+    return np.where(total > 0, e / np.maximum(total, 1e-300), 0.0)
