@@ -88,7 +88,7 @@ def test_distribution_table_on_rendered_scenes():
     rolled = [dataclasses.replace(s, colour="blue", horizontal=t.horizontal, vertical=t.vertical, cx=t.cx, cy=t.cy)
               for s, t in zip(scenes, scenes[1:] + scenes[:1])]  # positions permuted over the seeds
     base = render(sample_scenes(2 * n, seed=6))
-    tab = factors.distribution_table([render(red), render(red)], [render(blue), render(rolled)], base, [0, 1], ["blue", "left"], seed=0)
+    tab = factors.distribution_table([render(red), render(red)], [render(blue), render(rolled)], base, [0, 1], ["red/blue", "left"], seed=0)
     clean, rolled_row = tab["per_slider"]
     assert clean["main"] == rolled_row["main"] == "colour" and clean["distribution_purity"] == 1.0
     assert clean["tv"]["colour"] == 1.0 and clean["effect"]["colour"] == pytest.approx(1.0 - tab["floor"]["colour"])

@@ -40,6 +40,12 @@ def word_factor() -> dict[str, str]:
     return {v: ("position" if f in ("horizontal", "vertical") else f) for f, vs in FACTORS.items() for v in vs}
 
 
+def label_word(label: str, words: dict[str, str]) -> str:
+    """The vocabulary word a label stands for: "red", "red-2" -> "red"; a prompt edit "red/blue" -> its +s word "blue"."""
+    label = label.rsplit("/", 1)[-1]
+    return label if label in words else label.rsplit("-", 1)[0]
+
+
 def table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], indices: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
     """The factor-recovery table from images at -s and +s, one (n, 32, 32, 3) uint8 array per slider.
 
@@ -54,8 +60,7 @@ def table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], indices: Sequ
     words = word_factor()
 
     def names_main(label: str, main: str | None) -> bool:
-        base = label if label in words else label.rsplit("-", 1)[0]
-        return main is not None and words.get(base) == main
+        return main is not None and words.get(label_word(label, words)) == main
 
     rows = [{"index": int(i), "label": lab, "main": rec.main[k], "purity": float(rec.purity[k]), "valid": float(rec.valid[k]),
              "change": {f: float(c) for f, c in zip(rec.factors, rec.change[k])}, "label_names_main": names_main(lab, rec.main[k])}
@@ -123,7 +128,7 @@ def distribution_table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], 
     rows = []
     for k, (i, lab) in enumerate(zip(indices, labels)):
         m, pv = rec.main[k], rec.plus_value[k]
-        base_word = lab if lab in words else lab.rsplit("-", 1)[0]
+        base_word = label_word(lab, words)
         rows.append({
             "index": int(i), "label": lab, "main": m,
             "tv": {g: (None if np.isnan(v) else float(v)) for g, v in zip(rec.groups, rec.tv[k])},
