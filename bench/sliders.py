@@ -226,6 +226,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.seeds < 2 or a.top < 1 or not a.strength > 0 or a.scenes < 100:
+        p.error(f"--seeds must be at least 2, --top at least 1, --strength positive and --scenes at least 100 "
+                f"(got {a.seeds}, {a.top}, {a.strength}, {a.scenes})")
     torch.set_num_threads(a.threads)
     doc = {"time": cmd_time, "ratio": cmd_ratio, "factors": cmd_factors, "stages": cmd_stages}[a.what](a)
     if a.json:

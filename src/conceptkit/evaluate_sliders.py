@@ -211,7 +211,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     mod = SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders], cfg_batches=guidance > 1.0)
     try:
         slid = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
-        # 2. each slider alone at -s and +s on the first effect_count seeds
+        # 2. each slider alone at -s and +s on the first effect_count seeds (on the toy: max(effect_count, factor_seeds))
         minus, plus = signed_images(model, sset, indices, signed_seeds, cfg.effect_strength,
                                     batch_size=cfg.batch_size, progress=tick, mod=mod)
     finally:
