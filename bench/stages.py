@@ -67,6 +67,30 @@ def describe(directions: np.ndarray, bases: dict[str, np.ndarray]) -> dict:
             "mean_in_factor_span": float(np.mean(inside)), "mean_norm": float(np.linalg.norm(directions, axis=1).mean()), "mains": [r["main"] for r in rows], "per_direction": rows}
 
 
+def ceiling_by_samples(encoder, bases: dict[str, np.ndarray], k: int, sizes=(16, 64, 256, 1024), draws: int = 5) -> dict[int, float]:
+    """Mean purity of the top-k PCA directions of n rendered scenes (fresh draws), per n: PCA's ceiling at n samples."""
+    from conceptkit.slider_train import principal_directions
+
+    out = {}
+    for n in sizes:
+        vals = [describe(principal_directions(factor_bases(encoder, n, seed=100 + r)[1], k).components, bases)["mean_purity"]
+                for r in range(draws)]
+        out[n] = float(np.mean(vals))
+    return out
+
+
+def subspace_overlap(bases: dict[str, np.ndarray], emb: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """The largest principal cosine between every two factor subspaces; each subspace's share of the embeddings' variance."""
+    from conceptkit.toy.subspaces import principal_cosines
+
+    names = list(bases)
+    overlap = {f"{a}/{b}": float(principal_cosines(bases[a], bases[b]).max(initial=0.0))
+               for i, a in enumerate(names) for b in names[i + 1:]}
+    x = emb - emb.mean(0)
+    total = float((x ** 2).sum())
+    return overlap, {g: float(((x @ b.T) ** 2).sum() / total) for g, b in bases.items()}
+
+
 def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, np.ndarray]:
     """Top-k PCA directions of the set's harvest and of variants of it: more trajectories, final x0, window only, whitened."""
     from conceptkit import harvest
@@ -162,11 +186,19 @@ def run(a) -> dict:
            "ceiling: PCA of rendered scenes": describe(principal_directions(world, k).components, bases)}
     for name, d in pca_variants(model, sset, encoder, k, [int(x) for x in a.pca_samples.split(",")]).items():
         pca[name] = describe(d, bases)
+    by_samples = ceiling_by_samples(encoder, bases, k)
+    log("  PCA ceiling by samples (rendered scenes, mean purity of 5 draws): "
+        + ", ".join(f"{n}: {v:.3f}" for n, v in by_samples.items()))
+    overlap, variance = subspace_overlap(bases, world)
+    log("  largest principal cosine between factor subspaces: " + ", ".join(f"{p} {c:.2f}" for p, c in overlap.items()))
+    log("  share of the rendered scenes' embedding variance in each subspace: "
+        + ", ".join(f"{g} {v:.3f}" for g, v in variance.items()))
     for name, d in pca.items():
         log(f"  PCA {name:<34} mean cos^2 with core {d['mean_cos2_core']:.3f} (cos {d['principal_cosines_core']}), "
             f"purity {d['mean_purity']:.3f}, in span {d['mean_in_factor_span']:.3f}, mains {d['mains']}, captured {d['captured']}")
     doc = {"what": "stages", "set": sset.name, "settings": sset.manifest["settings"],
-           "factor_dims": {g: len(b) for g, b in bases.items()}, "pca": pca,
+           "factor_dims": {g: len(b) for g, b in bases.items()}, "subspace_overlap": overlap, "variance_share": variance,
+           "pca": pca, "pca_ceiling_by_samples": by_samples,
            "training": {"alignment": [round(s.alignment, 3) for s in sset.sliders], "labels": [s.label for s in sset.sliders],
                         "mean_alignment": float(np.mean([s.alignment for s in sset.sliders]))}}
     log(f"  training: alignment {doc['training']['alignment']} (mean {doc['training']['mean_alignment']:.3f}, ceiling 1)")
