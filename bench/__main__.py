@@ -3,8 +3,9 @@
     python -m bench all --arch toy|sd15|sdxl [--device auto|cpu|cuda] [--dtype auto|float16|bfloat16]
     python -m bench harvest|sliders|cluster|memory --arch sd15 --size 256
 
-Each benchmark prints its JSON record, writes it to bench/results/DATE-BENCH-ARCH-DEVICE.json and
-appends one line to the "Records" table of docs/benchmarks.md (machine, device, date, numbers).
+Each benchmark prints its JSON record; with `--record` it also writes it to
+bench/results/DATE-BENCH-ARCH-DEVICE.json and appends one line to the "Records" table of
+docs/benchmarks.md (machine, device, date, numbers).
 On a CPU the full-size architectures run at a reduced image size and few samples (the defaults
 below say which); the ratios are what to compare, not the seconds.
 """
@@ -95,7 +96,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sliders", type=int, default=None, help="K sliders of the batched/sequential ratio")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--no-record", action="store_true", help="print only; do not touch bench/results or the docs")
+    p.add_argument("--record", action="store_true",
+                   help="also write bench/results/*.json and append a line to docs/benchmarks.md (default: print only)")
     a = p.parse_args()
 
     import torch
@@ -106,7 +108,7 @@ def main() -> None:
     size, samples, steps, batch, k, pairs = DEFAULTS[(a.arch, "cuda" if kind == "cuda" else "cpu")]
     size, samples, steps, k = a.size or size, a.samples or samples, a.steps or steps, a.sliders or k
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-bench-")
-    emit = (lambda rec: print(json.dumps(rec))) if a.no_record else (lambda rec: record(rec, kind))
+    emit = (lambda rec: record(rec, kind)) if a.record else (lambda rec: print(json.dumps(rec)))
     todo = ("harvest", "sliders", "cluster", "memory") if a.what == "all" else (a.what,)
     device = str(kind) + (f" ({torch.cuda.get_device_name()})" if kind == "cuda" else "")
     if "memory" in todo:  # first: each setting loads its own copy in a fresh process, before this one holds one

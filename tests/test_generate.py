@@ -21,6 +21,7 @@ from conceptkit.generate import (
     sample,
 )
 from conceptkit.slider_sets import load_set, parse_ref
+from _sets import train_tiny_set
 from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
@@ -29,17 +30,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-slider tiny-sd set (pixel encoder), briefly trained once."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig
-    from conceptkit.sliders import run as train
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = train(model, SlidersConfig("a shape", count=3, samples=4, encoder="pixel",
-                                          train=TrainSettings(steps=4, pairs=2, lr=2e-2)))
+    model, sset = train_tiny_set(tmp_path_factory, count=3, samples=4, steps=4, lr=2e-2)
     return model, sset
 
 
@@ -99,9 +90,12 @@ def test_sweep_is_one_grid_and_sliders_transfer_to_another_prompt(model, tmp_pat
     files = json.loads(r.stdout)["files"]
     assert len(files) == 1 and files[0]["sweep"]["strengths"] == [-2.0, 0.0, 2.0]
     img = Image.open(files[0]["path"])
-    assert img.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 strengths x 2 seeds of 32 px, 2 px gaps
+    assert img.size == (3 * 34 + 2, 14 + 2 * 34 + 2)  # a 14 px header, 3 strengths x 2 seeds of 32 px, 2 px gaps
     arr = np.asarray(img).astype(int)
-    left, mid = arr[2:34, 2:34], arr[2:34, 36:68]
+    header = arr[:14]
+    for q in range(3):  # each column's strength is written above it
+        assert (header[:, 2 + q * 34: 34 + q * 34] < 128).any(), q
+    left, mid = arr[16:48, 2:34], arr[16:48, 36:68]
     assert np.abs(left - mid).max() > 0  # the slider changes the other prompt's image
     assert json.loads(img.text["conceptkit"])["prompt"] == "a dog"
 

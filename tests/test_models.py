@@ -247,7 +247,8 @@ def test_missing_hub_id_fails_fast_saying_how_to_get_it():
         load_model("nobody/no-such-model", device="cpu")
     assert time.perf_counter() - t0 < 10
     message = _one_line(err)
-    assert "huggingface-cli download nobody/no-such-model" in message and "local Hugging Face cache" in message
+    assert "`hf download nobody/no-such-model`" in message and "local Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE=1" in message  # says why nothing was downloaded
 
 
 def test_distilled_models_get_few_step_defaults(saved, tmp_path):

@@ -181,7 +181,7 @@ def test_cluster_json_metrics_recompute_from_saved_arrays_and_sweeps_plot(tmp_pa
         (["--tau", "1.0"], "--tau"),
         (["--tau", "-0.1"], "--tau"),
         (["--k", "1"], "--k"),
-        (["--k", "100000"], "more than"),
+        (["--k", "100000"], "--k must be between 2 and 256"),
         (["--concept", "dog"], "'dog' is not in the prompt"),
         (["--temporal-dim", "0"], "--temporal-dim"),
         (["--tau-mode", "median"], "--tau-mode"),
@@ -253,3 +253,30 @@ def test_parse_range_and_config_checks():
     with pytest.raises(UsageError):
         picasso.ClusterConfig(tau=0.95, tau_mode="relative", k=2, pca_dim=0)
     assert picasso.ClusterConfig(tau=5.0, tau_mode="absolute").tau == 5.0
+
+
+def test_a_cluster_killed_while_drawing_its_figures_leaves_no_partial_artifact(monkeypatch):
+    """Arrays, figures and manifest are one artifact: a kill before the end leaves nothing half-written."""
+    import os
+    from pathlib import Path
+
+    from conceptkit import picasso_plots, store
+
+    real = picasso_plots.similarity
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(picasso_plots, "similarity", killed)
+    r = invoke("cluster", "a red circle", *TINY, "--k", "3", "--temporal-dim", "1", "--json")
+    assert r.exit_code == 130, r.output
+    base = store.kind_dir("cluster")
+    assert not [p.name for p in base.iterdir() if not p.name.endswith(".lock")] if base.exists() else True, list(base.iterdir())  # no artifact, no temporary folder
+    monkeypatch.setattr(picasso_plots, "similarity", real)
+    doc = json.loads(invoke("cluster", "a red circle", *TINY, "--k", "3", "--temporal-dim", "1", "--json").stdout)
+    folder = Path(doc["path"])
+    assert sorted(p.name for p in folder.glob("*.png")) == ["centre_maps.png", "segmentation.png", "similarity.png"]
+    assert all(Path(p).is_file() and Path(p).parent == folder for p in doc["images"].values())
+    assert json.loads((folder / "manifest.json").read_text())["images"] == doc["images"]
+    assert not [p for p in base.iterdir() if p.name.startswith(".tmp") or p.name.startswith(".old")]
+    assert os.path.samefile(folder.parent, base)

@@ -15,10 +15,12 @@ from conceptkit.cli import app
 from conceptkit.errors import UsageError
 from conceptkit.slider_labels import alignment, assign_labels
 from conceptkit.slider_train import TrainSettings, principal_directions, slider_loss
+from _sets import train_tiny_set
 from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
 SMALL = dict(count=3, samples=6, encoder="pixel")
+TRAIN_STEPS = 40  # at 12 the alignment spread over seeds reached down to random's (0.10 vs 0.12)
 
 
 # ---------------------------------------------------------------- maths on arrays
@@ -130,14 +132,7 @@ def test_config_checks(kwargs, fragment):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 3-slider set on tiny-sd (pixel encoder), trained once; copied into each test's store."""
-    from conceptkit.models import load_model
-    from conceptkit.sliders import SlidersConfig, run
-
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPTKIT_HOME", str(home))
-        model = load_model("tiny-sd", device="cpu")
-        sset = run(model, SlidersConfig("a shape", **SMALL, train=TrainSettings(steps=12, pairs=2, lr=1e-2)))
+    model, sset = train_tiny_set(tmp_path_factory, count=SMALL["count"], samples=SMALL["samples"], steps=TRAIN_STEPS, lr=1e-2)
     return model, sset
 
 
@@ -149,6 +144,13 @@ def install(sset):
 
 
 def test_trained_sliders_move_the_embedding_along_their_direction_more_than_random_ones(trained, tmp_path, monkeypatch):
+    """Mean alignment (cosine of the measured embedding shift with the slider's direction), 3 sliders.
+
+    Spread measured over training seeds 0-19 (SlidersConfig.seed and TrainSettings.seed), 40 steps:
+    1 thread, trained mean 0.157-0.418 (median 0.231), random rank-1 at most 0.122, trained minus
+    random at least 0.157; 2 threads, seeds 0-2: 0.290, 0.230, 0.256 against 0.290, 0.230, 0.257
+    with 1 (the thread count barely moves it; the seed does). The bars sit at about half the worst case seen.
+    """
     from conceptkit import harvest
     from conceptkit.features import load_encoder
     from conceptkit.slider_labels import measure
@@ -179,8 +181,8 @@ def test_trained_sliders_move_the_embedding_along_their_direction_more_than_rand
         finally:
             bank.remove()
     trained_cos, random_cos = results["trained"].alignment, results["random"].alignment
-    assert trained_cos.mean() > 0.3, trained_cos
-    assert trained_cos.mean() > random_cos.mean() + 0.2, (trained_cos, random_cos)
+    assert trained_cos.mean() > 0.08, trained_cos
+    assert trained_cos.mean() > random_cos.mean() + 0.08, (trained_cos, random_cos)
     assert (results["trained"].size > 0).all()
 
 
@@ -257,8 +259,60 @@ def test_a_killed_training_leaves_no_set_and_a_rerun_resumes(tmp_path, monkeypat
     assert art.exists() and len(sset.sliders) == 2 and not (art.path.parent / ".work-a-cube").exists()
     again = run(model, cfg)
     assert again.cached
+    clean = run(model, SlidersConfig("a cube", name="a-cube-clean", count=2, samples=4, encoder="pixel", train=TrainSettings(steps=6)))
+    _same_factors(sset, clean)  # the killed-and-resumed training ends where an uninterrupted one does
     with pytest.raises(UsageError, match="--overwrite"):
         run(model, SlidersConfig("a cube", count=2, samples=4, encoder="pixel", train=TrainSettings(steps=2)))
+
+
+def _same_factors(a, b, rtol=1e-4):
+    from conceptkit.slider_files import load_slider_file
+
+    for sa, sb in zip(a.sliders, b.sliders):
+        fa, fb = load_slider_file(a.path / sa.file).factors, load_slider_file(b.path / sb.file).factors
+        for name in fa.lora_A:
+            for x, y in ((fa.lora_A[name], fb.lora_A[name]), (fa.lora_B[name], fb.lora_B[name])):
+                assert torch.allclose(x, y, rtol=rtol, atol=1e-6 * float(y.abs().max())), (sa.file, name)
+
+
+@pytest.mark.slow
+def test_sliders_killed_with_sigkill_at_random_points_resume_to_the_uninterrupted_set(tmp_path):
+    """Real SIGKILLs at random moments of harvest, training and the final write; each rerun resumes,
+    and the finished set equals an uninterrupted run's within float tolerance."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conceptkit.slider_sets import load_set
+
+    args = [sys.executable, "-m", "conceptkit", "sliders", "a cube", "-m", "tiny-sd", "--count", "2", "--samples", "4",
+            "--train-steps", "60", "--encoder", "pixel", "--json"]
+    clean_home, killed_home = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(clean_home)}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    full = time.monotonic() - start
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = subprocess.Popen(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.2, 1.0) * full)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(args, env={**env, "CONCEPTKIT_HOME": str(killed_home)}, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr
+    old = os.environ.get("CONCEPTKIT_HOME")
+    try:
+        os.environ["CONCEPTKIT_HOME"] = str(clean_home)
+        a = load_set("a-cube")
+        os.environ["CONCEPTKIT_HOME"] = str(killed_home)
+        b = load_set("a-cube")
+        _same_factors(b, a)
+    finally:
+        os.environ["CONCEPTKIT_HOME"] = old
 
 
 # ---------------------------------------------------------------- command line

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conceptkit import store
+from conceptkit import store, store_admin
 from conceptkit.errors import ArtifactNotFoundError, StoreError, UsageError
 
 
@@ -67,7 +67,7 @@ def test_unwritable_home_is_a_store_error(tmp_path, monkeypatch):
 
 def _hold_lock(home, key, started, seconds):
     os.environ["CONCEPTKIT_HOME"] = home
-    art = store.artifact("harvest", key)
+    art = store.artifact("evaluate", key)
     with art.lock():
         started.set()
         time.sleep(seconds)
@@ -82,29 +82,30 @@ def test_lock_serialises_two_processes(tmp_path):
     p.start()
     assert started.wait(30)
     waited = []
-    art = store.artifact("harvest", "k1")
+    art = store.artifact("evaluate", "k1")
     with art.lock(on_wait=waited.append):
         # we only get the lock after the other process wrote its manifest
         assert art.manifest()["writer"] == p.pid
     p.join(10)
-    assert waited and "waiting" in waited[0]
+    assert waited and "waiting" in waited[0] and f"process {p.pid}" in waited[0]  # says whom it waits for
 
 
 def test_list_find_and_clear():
     for key, prompt in (("aaaa1111", "a cat"), ("bbbb2222", "a dog")):
         art = store.artifact("harvest", key)
-        art.write_manifest({"prompts": [prompt], "model": {"spec": "tiny-sd"}, "complete": True, "created": time.time()})
+        art.write_manifest({"prompts": [prompt], "model": {"spec": "tiny-sd"}, "settings": {}, "complete": True,
+                            "created": time.time()})
         store.write_tensors(art.path / "shard.safetensors", {"x": torch.zeros(10)})
-    infos = store.list_artifacts()
+    infos = store_admin.list_artifacts()
     assert {(i.key, i.prompt, i.model) for i in infos} == {("aaaa1111", "a cat", "tiny-sd"), ("bbbb2222", "a dog", "tiny-sd")}
     assert all(i.size > 40 for i in infos)
     assert store.find("harvest", "aaaa").key == "aaaa1111"
     with pytest.raises(ArtifactNotFoundError):
         store.find("harvest", "cccc")
-    removed = store.clear(key="aaaa1111")
+    removed = store_admin.clear(key="aaaa1111")
     assert [i.key for i in removed] == ["aaaa1111"]
-    assert [i.key for i in store.list_artifacts()] == ["bbbb2222"]
-    store.clear(kind="harvest")
-    assert store.list_artifacts() == []
+    assert [i.key for i in store_admin.list_artifacts()] == ["bbbb2222"]
+    store_admin.clear(kind="harvest")
+    assert store_admin.list_artifacts() == []
     with pytest.raises(ArtifactNotFoundError):
-        store.clear(key="aaaa1111")
+        store_admin.clear(key="aaaa1111")

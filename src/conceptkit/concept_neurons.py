@@ -28,6 +28,7 @@ from conceptkit import store
 from conceptkit.attention import ConceptSink, capture, cross_attention_names
 from conceptkit.errors import UsageError
 from conceptkit.models import LoadedModel
+from conceptkit.tensor_files import tensor_problem
 
 NEURONS_FORMAT = 1
 IMPORTANCE_MODES = ("grad", "activation")
@@ -114,6 +115,9 @@ class NeuronsResult:
 
 
 Progress = Callable[[int, int], None]
+
+
+STEP_TABLES = {"importance": 1, "activation": 1}  # what every timestep file holds: name -> dimensions
 
 
 def _step_name(step: int) -> str:
@@ -326,6 +330,13 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
     # 4. every missing timestep, one atomic file each
     computed = 0
     with art.lock(on_wait=on_wait):
+        store.heal(art, on_wait)  # a damaged manifest: computed again
+        for s in range(len(timesteps)):  # and so is a damaged timestep file
+            f = art.path / _step_name(s)
+            if f.is_file() and (problem := tensor_problem(f, STEP_TABLES)):
+                if on_wait is not None:
+                    on_wait(f"neurons {key}: {problem}; recomputing it")
+                f.unlink()
         todo = [s for s in range(len(timesteps)) if not (art.path / _step_name(s)).is_file()]
         blocks = art.manifest().get("blocks") if art.exists() else None
         if progress:
@@ -373,6 +384,8 @@ def load(path: Path) -> NeuronStats:
         f = path / _step_name(s)
         if not f.is_file():
             raise UsageError(f"neurons artifact {path.name} lacks timestep {s}; run the command again to complete it")
+        if problem := tensor_problem(f, STEP_TABLES):
+            raise art.damaged(problem)
         with safe_open(str(f), framework="pt") as fh:
             imp.append(fh.get_tensor("importance").double().numpy())
             act.append(fh.get_tensor("activation").double().numpy())

@@ -16,7 +16,7 @@ class UsageError(ConceptkitError):
 
 
 class ModelNotFoundError(UsageError):
-    """The model is not on disk (these machines cannot download)."""
+    """The model is not on disk and cannot be downloaded now (offline, unreachable, gated or unknown)."""
 
 
 class UnsupportedModelError(UsageError):
@@ -31,3 +31,11 @@ class StoreError(ConceptkitError):
     """The store cannot be read or written (permissions, a full disk)."""
 
     exit_code = 2
+
+
+class DamagedArtifactError(StoreError):
+    """An artifact in the store is unreadable or malformed; the message names its path and the fix."""
+
+    def __init__(self, message: str, *, problem: str = "", path=None, kind: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.problem, self.path, self.kind, self.key = problem or message, path, kind, key

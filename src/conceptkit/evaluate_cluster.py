@@ -84,7 +84,7 @@ def run(model, key: str, cfg: ClusterEvalConfig, progress: Progress | None = Non
     guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
     settings = {**asdict(cfg), "encoder": encoder_spec, "steps": steps, "guidance": guidance, "batch_size": None}
     ekey = evaluation.key_for("cluster", {"cluster": sub.key, "model": model.identity(), "settings": settings})
-    hit = evaluation.cached(ekey)
+    hit = evaluation.cached(ekey, on_wait)
     if hit is not None:
         return evaluation.public(hit, True, time.perf_counter() - started)
     encoder = load_encoder(encoder_spec, model.spec, model.device)

@@ -1,4 +1,4 @@
-"""`conceptkit evaluate sliders SET`: SliderSpace's concept-decomposition experiment on a slider set.
+"""`conceptkit evaluate sliders SET|FILE`: SliderSpace's concept-decomposition experiment on a slider set (or a LoRA file, `lora_eval.py`).
 
 Gandikota et al. (2025), Sec. 5.2: N images of the prompt from the base model and N with a random
 sparse combination of sliders each (3 per image, strengths uniform in [-scale, scale], seeded);
@@ -112,7 +112,7 @@ def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], str
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
                 for p in mod.banks[sset.name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=(1, 2), keepdim=True) / p[0].numel() ** 0.5)
+                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=tuple(range(1, p.ndim)), keepdim=True) / p[0].numel() ** 0.5)  # one norm per slider, conv factors too
         keys = list(mod.slots)
         slot_of = {idx: keys.index((sset.name, idx)) for idx in indices}
         k = len(keys)
@@ -177,7 +177,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
                          f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
     encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
     key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec))
-    hit = evaluation.cached(key)
+    hit = evaluation.cached(key, on_wait)
     if hit is not None:
         if "diversity_ratio_ci" not in hit:  # cached before the intervals existed: they come from its saved arrays
             arr = evaluation.load_arrays(hit)
@@ -208,7 +208,9 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     # 1. base images, and images with a random sparse combination of sliders (same seeds)
     weights = random_combinations(cfg.count, k, cfg.per_image, cfg.scale, cfg.seed)
     base = draw(model, None, sset.prompt, seeds, None, steps, guidance, cfg.batch_size, tick)
-    mod = SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders], cfg_batches=guidance > 1.0)
+    make = getattr(sset, "modification", None)  # a LoRA file (lora_eval.LoraFileSet) brings its own adapter
+    mod = make(model, guidance > 1.0) if make else SliderModification(model.pipe.unet, [(sset, s) for s in sset.sliders],
+                                                                      cfg_batches=guidance > 1.0)
     try:
         slid = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
         # 2. each slider alone at -s and +s on the first effect_count seeds (on the toy: max(effect_count, factor_seeds))

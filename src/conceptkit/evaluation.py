@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from conceptkit import metrics, store
-from conceptkit.errors import UsageError
+from conceptkit.errors import DamagedArtifactError, UsageError
 
 FORMAT = 2  # bump when a document's fields change, so older cached results are recomputed
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -165,12 +165,17 @@ def folder_digest(folder: Path) -> str:
 # ---------------------------------------------------------------- the cache
 
 
-def cached(key: str) -> dict[str, Any] | None:
-    """The finished evaluation with this key, or None."""
+def cached(key: str, say=None) -> dict[str, Any] | None:
+    """The finished evaluation with this key, or None (a damaged one is removed, saying so through `say`)."""
     art = store.artifact("evaluate", key)
     if not art.exists():
         return None
-    doc = art.manifest()
+    try:
+        doc = art.manifest()
+    except DamagedArtifactError:
+        with art.lock(on_wait=say):
+            store.heal(art, say)
+        return None
     return doc if doc.get("complete") else None
 
 
@@ -190,8 +195,16 @@ def save(key: str, doc: dict[str, Any], arrays: dict[str, np.ndarray], on_wait=N
 
 
 def load_arrays(doc: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The arrays of an evaluation, by name (no pickles)."""
-    return {name: np.load(path, allow_pickle=False) for name, path in doc["arrays"].items()}
+    """The arrays of an evaluation, by name (no pickles), read from its own artifact folder only."""
+    art = store.artifact("evaluate", doc["key"])
+    out = {}
+    for name in doc["arrays"]:
+        path = art.file(f"{name}.npy", "array")
+        try:
+            out[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise art.damaged(f"array {path.name} does not read ({exc})") from exc
+    return out
 
 
 def public(doc: dict[str, Any], cached_: bool, seconds: float) -> dict[str, Any]:
@@ -221,7 +234,7 @@ def run_images(a: Path, b: Path | None, prompt: str | None, encoder_spec: str, *
     xb, names_b = load_folder(b) if b is not None else (None, [])
     key = key_for("images", {"a": folder_digest(a), "b": folder_digest(b) if b is not None else None, "prompt": prompt,
                              "encoder": spec})
-    hit = cached(key)
+    hit = cached(key, on_wait)
     if hit is not None:
         return public(hit, True, time.perf_counter() - started)
     # 2. embed once; every number comes from these embeddings

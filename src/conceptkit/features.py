@@ -7,7 +7,8 @@ the slider loss can backpropagate through it. Encoders that have a text tower (C
 CLIP) also embed words, which is what slider labelling needs.
 
 Specs (`--encoder`): `auto`, `pixel`, `pixel:<side>`, `clip:<hub id or folder>`,
-`dinov2:<hub id or folder>`, `toy` (the toy world's CLIP). Everything loads offline.
+`dinov2:<hub id or folder>`, `toy` (the toy world's CLIP). A hub id is taken from the local
+Hugging Face cache, or downloaded into it when missing (`hub`); transformers only reads folders.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conceptkit import hub
 from conceptkit.errors import ModelNotFoundError, UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUTO_CLIP = "openai/clip-vit-large-patch14"  # `auto` for real SD models, if it is in the HF cache
+AUTO_CLIP = "openai/clip-vit-large-patch14"  # `auto` for real SD models (about 1.7 GB, downloaded on first use)
 
 
 class ImageEncoder(nn.Module):
@@ -85,13 +87,14 @@ class ClipEncoder(ImageEncoder):
         from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
         self.spec, self.toy = spec, toy
+        check_weights(folder, spec)
         config = _load_config(folder, spec)
         if isinstance(config, CLIPConfig) or getattr(config, "model_type", "") == "clip":
-            self.model = CLIPModel.from_pretrained(folder)
+            self.model = CLIPModel.from_pretrained(folder, use_safetensors=True)
             vision = self.model.config.vision_config
             self.dim = self.model.config.projection_dim
         else:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(folder)
+            self.model = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
             vision = self.model.config
             self.dim = vision.projection_dim
         self.size = int(vision.image_size)
@@ -140,7 +143,8 @@ class Dinov2Encoder(ImageEncoder):
         from transformers import Dinov2Model
 
         self.spec = spec
-        self.model = Dinov2Model.from_pretrained(folder)
+        check_weights(folder, spec)
+        self.model = Dinov2Model.from_pretrained(folder, use_safetensors=True)
         self.dim = int(self.model.config.hidden_size)
         patch = int(self.model.config.patch_size)
         self.size = max(patch, (int(self.model.config.image_size) // patch) * patch)
@@ -151,29 +155,49 @@ class Dinov2Encoder(ImageEncoder):
         return F.normalize(self.model(pixel_values=x).last_hidden_state[:, 0].float(), dim=-1)
 
 
+def check_weights(folder: str, spec: str) -> None:
+    """Refuse an encoder folder whose weights are pickles only (.bin, .pt, .ckpt): never loaded."""
+    from conceptkit.tensor_files import pickle_weights
+
+    path = Path(folder)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (pickled := pickle_weights(path)):
+        raise UsageError(f"--encoder {spec}: {pickled[0]} is a pickled weights file; conceptkit loads only .safetensors "
+                         f"weights (convert it, e.g. save_pretrained(..., safe_serialization=True))")
+
+
 def _load_config(folder: str, spec: str):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"encoder {spec}: no model config at {folder} (offline; give a local folder "
-                                 f"or a hub id in the local cache)") from exc
+        raise ModelNotFoundError(f"encoder {spec}: no readable model config at {folder}; pass a transformers "
+                                 f"model folder or a Hugging Face id") from exc
 
 
 def _locate(name: str, spec: str) -> str:
-    """A local folder as is; a hub id resolved in the local HF cache only."""
+    """A local folder as is; a hub id from the local HF cache, downloaded into it when missing."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"encoder {spec}: {name} is not a model folder")
-    try:
-        from huggingface_hub import snapshot_download
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"encoder {spec}: {name} is not a model folder or a Hugging Face id (org/name)")
+    return str(hub.resolve(_encoder_need(name, spec)))
 
-        return snapshot_download(name, local_files_only=True)
-    except Exception as exc:
-        raise ModelNotFoundError(f"encoder {spec}: {name} is not in the local Hugging Face cache and this machine is "
-                                 f"offline; download it elsewhere or pass a folder (e.g. --encoder clip:/path/to/clip)") from exc
+
+def _encoder_need(name: str, spec: str) -> hub.Need:
+    kind = spec.partition(":")[0]
+    return hub.Need(name, "encoder", role="encoder",
+                    alternative=f"or pass a local folder (--encoder {kind}:/path/to/folder)")
+
+
+def hub_needs(spec: str, model_spec: str | None = None) -> list[hub.Need]:
+    """The hub repository the encoder `spec` needs when it is not in the local cache yet ([] otherwise; no network)."""
+    spec = resolve_spec(check_spec(spec), model_spec)
+    kind, _, arg = spec.partition(":")
+    if kind not in ("clip", "dinov2") or Path(arg).expanduser().exists() or arg.startswith((".", "/", "~")) or arg.count("/") != 1:
+        return []
+    need = _encoder_need(arg, spec)
+    return [] if hub.local_state(need)[0] is not None else [need]
 
 
 def resolve_spec(spec: str, model_spec: str | None) -> str:
@@ -203,6 +227,8 @@ def check_spec(spec: str) -> str:
     elif not (spec == "auto" or kind in ("pixel", "toy") or (kind in ("clip", "dinov2") and arg)):
         raise UsageError(f"unknown --encoder {spec!r}; use auto, pixel, pixel:<side>, toy, clip:<id or folder> "
                          f"or dinov2:<id or folder>")
+    if kind in ("clip", "dinov2", "toy") and arg and Path(arg).expanduser().is_dir():
+        check_weights(str(Path(arg).expanduser()), spec)  # pickled weights are refused before any work
     return spec
 
 

@@ -3,7 +3,8 @@
 A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
 and `describe() -> dict`: sliders here (`SliderModification`, applied from the set's start
 fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4) and Picasso
-sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`).
+sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`), and other
+people's LoRA files as peft adapters (`lora_import.LoraModification`, `--lora FILE[:SCALE]`, from step 0).
 Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's, bitwise.
 `--random-sliders N` gives every image its own sparse random combination (the paper's diversity
 experiment, Sec. 5.2) and records it in the PNG.
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 
 from conceptkit import store
+from conceptkit.figures import grid_image, with_column_labels
+from conceptkit.infotext import write_png
 from conceptkit.errors import UsageError
-from conceptkit.slider_sets import SliderRef, load_set, parse_ref, resolve, sets_for
+from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for, slider_path
 from conceptkit.sliders import SliderInfo, SliderSet
 
 SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
@@ -47,8 +50,8 @@ def parse_sweep(text: str) -> Sweep:
         lo, hi, n = float(m["lo"]), float(m["hi"]), int(m["n"])
     except ValueError:
         raise UsageError(f"--sweep {text!r}: LO and HI must be numbers") from None
-    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)):
-        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI finite")
+    if not 2 <= n <= 33 or not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_STRENGTH:
+        raise UsageError(f"--sweep {text!r}: N must be 2-33 and LO, HI between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     ref = parse_ref(f"{m['ref']}=0")
     return Sweep(ref, tuple(float(x) for x in np.linspace(lo, hi, n)))
 
@@ -72,6 +75,7 @@ class GenerateConfig:
     batch_size: int = 8
     subconcepts: tuple[str, ...] = ()  # `KEY:C[:MODE[:SCALE]]`: Picasso sub-concepts applied (gates multiply)
     subconcept_grid: str | None = None  # `KEY[:MODE]`: one grid, the unmodified row then a row per sub-concept
+    loras: tuple[str, ...] = ()  # `FILE[:SCALE]`: other people's LoRA files (kohya or peft), from the first step
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -99,12 +103,17 @@ class GenerateConfig:
 
             for text in self.subconcepts:
                 parse_spec(text)
+        if self.loras:
+            from conceptkit.lora_import import parse_lora
+
+            for text in self.loras:
+                parse_lora(text)
         if self.subconcept_grid is not None:
             from conceptkit.subconcepts import parse_spec
 
-            if self.sliders or self.sweep or self.random_sliders or self.subconcepts:
+            if self.sliders or self.sweep or self.random_sliders or self.subconcepts or self.loras:
                 raise UsageError("--subconcept-grid draws the sub-concepts alone: drop --slider, --sweep, "
-                                 "--random-sliders and --subconcept")
+                                 "--random-sliders, --subconcept and --lora")
             key, _, mode = self.subconcept_grid.partition(":")
             parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
 
@@ -135,7 +144,7 @@ class SliderModification:
             bank = install_sliders(unet, SliderLoraConfig(len(used), rank=int(st["rank"]), alpha=float(st["alpha"]),
                                                           target_modules=st["targets"]))
             for slot, index in enumerate(used):
-                bank.load_slider(slot, sset.path / sset.sliders[index].file)
+                bank.load_slider(slot, slider_path(sset, sset.sliders[index]))
                 self.slots[(name, index)] = (name, slot)
             self.banks[name] = bank
         self.cfg_batches = cfg_batches
@@ -206,31 +215,6 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
     return out.float().clamp(0, 1).cpu()
 
 
-def _png(image: torch.Tensor, path: Path, settings: dict[str, Any]) -> None:
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    arr = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    info = PngInfo()
-    info.add_text("conceptkit", json.dumps(settings, sort_keys=True))
-    sl = ", ".join(f"{s['set']}/{s['label']}={s['scale']:g}" for s in settings.get("sliders", []))
-    info.add_text("parameters", f"{settings['prompt']}\nSteps: {settings['steps']}, CFG scale: {settings['guidance']}, "
-                                f"Seed: {settings.get('seed', settings.get('seeds'))}, Model: {settings['model']['spec']}"
-                                + (f", Sliders: {sl}" if sl else "")
-                                + (f", Sub-concepts: {' '.join(settings['subconcepts'])}" if settings.get("subconcepts") else ""))
-    with store.atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
-
-
-def _grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> torch.Tensor:
-    _, c, h, w = images.shape
-    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for n, img in enumerate(images):
-        r, q = divmod(n, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
-
 @dataclass(frozen=True)
 class GenerateResult:
     """The PNGs written, each with its settings."""
@@ -283,15 +267,26 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
 
     specs = [subconcepts.parse_spec(text) for text in cfg.subconcepts]
     resolved = [(spec, subconcepts.resolve(spec, model)) for spec in specs]
-    mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
-    subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
-    mods = ([mod] if mod else []) + subs
+    # 1c. every --lora file checked against this UNet, then loaded first: slider hooks go on top of its layers
+    from conceptkit.lora_import import open_loras
+
+    lmod = open_loras(model, cfg.loras, cfg_batches=guidance > 1.0)
+    try:
+        mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
+        subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
+    except BaseException:
+        if lmod:
+            lmod.remove()
+        raise
+    mods = ([lmod] if lmod else []) + ([mod] if mod else []) + subs
+    others = [m for m in mods if m is not mod]  # stepped along with the sliders
     base_scales: dict[tuple[str, int], float] = {}
     for ref, sset, info in fixed:
         base_scales[(sset.name, info.index)] = base_scales.get((sset.name, info.index), 0.0) + ref.scale
     common = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance,
               "conceptkit": _version(), **({"modifications": [m.describe() for m in mods]} if mods else {}),
-              **({"subconcepts": [str(spec) for spec in specs]} if specs else {})}
+              **({"subconcepts": [str(spec) for spec in specs]} if specs else {}),
+              **({"loras": lmod.describe()["files"]} if lmod else {})}
     out = Path(cfg.out)
     files: list[dict[str, Any]] = []
     seeds = list(range(cfg.seed, cfg.seed + cfg.count))
@@ -303,15 +298,16 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
                 scales = dict(base_scales)
                 key = (swept[0].name, swept[1].index)
                 scales[key] = scales.get(key, 0.0) + value
-                columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales, subs))
-                if progress:
-                    progress(k + 1, len(sweep.strengths))
+                columns.append(_batched(model, mod, cfg, seeds, steps, guidance, scales, others))
+                if progress:  # the bar counts images
+                    progress((k + 1) * len(seeds), len(sweep.strengths) * len(seeds))
             grid = torch.stack(columns, 1).flatten(0, 1)  # (seeds*strengths, 3, H, W), row-major
             settings = {**common, "seeds": seeds, "sliders": _describe(base_scales, chosen),
                         "sweep": {"set": swept[0].name, "label": swept[1].label, "index": swept[1].index,
                                   "strengths": list(sweep.strengths), "rows": "seeds", "columns": "strengths"}}
-            path = out / f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png"
-            _png(_grid(grid, len(seeds), len(sweep.strengths)), path, settings)
+            path = store.inside(out, f"{store.slugify(cfg.prompt)}-sweep-{swept[1].label}-{_digest(settings)}.png", "--sweep grid")
+            labels = [f"{v:+g}" for v in sweep.strengths]
+            write_png(with_column_labels(grid_image(grid, len(seeds), len(sweep.strengths)), labels, grid.shape[-1]), path, settings, model)
             files.append({"path": str(path), **{k: settings[k] for k in ("seeds", "sliders", "sweep", "subconcepts") if k in settings}})
         else:
             # 2b. one image per seed; random combinations drawn per image
@@ -325,12 +321,12 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
             done = 0
             for i in range(0, len(seeds), cfg.batch_size):
                 chunk = seeds[i:i + cfg.batch_size]
-                images = _batched(model, mod, cfg, chunk, steps, guidance, per_image[i:i + len(chunk)], subs)
+                images = _batched(model, mod, cfg, chunk, steps, guidance, per_image[i:i + len(chunk)], others)
                 for seed, img, sc in zip(chunk, images, per_image[i:i + len(chunk)]):
                     settings = {**common, "seed": seed, "sliders": _describe(sc, chosen),
                                 **({"random_sliders": cfg.random_sliders} if cfg.random_sliders else {})}
-                    path = out / f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png"
-                    _png(img, path, settings)
+                    path = store.inside(out, f"{store.slugify(cfg.prompt)}-{seed}-{_digest(settings)}.png", "image")
+                    write_png(img, path, settings, model)
                     files.append({"path": str(path), "seed": seed, "sliders": settings["sliders"],
                                   **({"subconcepts": settings["subconcepts"]} if specs else {})})
                 done += len(chunk)
@@ -362,15 +358,16 @@ def _subconcept_grid(model, cfg: GenerateConfig, steps: int, guidance: float, id
                 "seeds": seeds, "subconcept_grid": {"key": sub.key, "mode": spec.mode, "k": sub.k,
                                                     "rows": ["unmodified"] + [f"sub-concept {c}" for c in range(sub.k)],
                                                     "columns": "seeds"}}
-    path = Path(cfg.out) / f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png"
-    _png(_grid(torch.cat(rows), sub.k + 1, len(seeds)), path, settings)
+    path = store.inside(Path(cfg.out), f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png",
+                        "--subconcept-grid image")
+    write_png(grid_image(torch.cat(rows), sub.k + 1, len(seeds)), path, settings, model)
     return GenerateResult([{"path": str(path), "seeds": seeds, "subconcept_grid": settings["subconcept_grid"]}], Path(cfg.out))
 
 
-def _batched(model, mod, cfg, seeds, steps, guidance, scales, subs=()) -> torch.Tensor:
+def _batched(model, mod, cfg, seeds, steps, guidance, scales, others=()) -> torch.Tensor:
     if mod is not None:
         mod.set_weights(scales)
-    return sample(model, cfg.prompt, seeds, steps, guidance, ([mod] if mod else []) + list(subs))
+    return sample(model, cfg.prompt, seeds, steps, guidance, list(others) + ([mod] if mod else []))
 
 
 def _describe(scales: dict[tuple[str, int], float], chosen) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from conceptkit import store
+from conceptkit import capacity, store
 from conceptkit.errors import StoreError, UsageError
+from conceptkit.harvest_shards import overlaps, problems, shard_name, shard_ranges
 from conceptkit.models import LoadedModel
-
-SHARD_RE = re.compile(r"^shard-(\d{6})-(\d{6})\.safetensors$")
+from conceptkit.step_recorder import StepRecorder
+from conceptkit.tensor_files import sha256
 RECORDABLE = ("x0", "xt")
 HARVEST_FORMAT = 1
 
@@ -123,64 +123,13 @@ def harvest_key(model: LoadedModel, cfg: HarvestConfig) -> str:
 # ---------------------------------------------------------------- recording
 
 
-class _StepRecorder:
-    """Wraps a scheduler instance's `step` to keep x_t, x0 and t of every call.
-
-    The pipelines call `scheduler.step(..., return_dict=False)[0]` and drop the x0 estimate;
-    this asks for the full output instead (DDIM, DDPM, Euler give `pred_original_sample`,
-    LCM gives `denoised`) and computes x0 from the model output where a scheduler gives none.
-    """
-
-    def __init__(self, scheduler, keep_xt: bool):
-        self.scheduler = scheduler
-        self.keep_xt = keep_xt
-        self.timesteps: list[int] = []
-        self.x0: list[torch.Tensor] = []
-        self.xt: list[torch.Tensor] = []
-
-    def __enter__(self) -> _StepRecorder:
-        original = self.scheduler.step
-
-        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-            out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
-            x0 = getattr(out, "pred_original_sample", None)
-            if x0 is None:
-                x0 = getattr(out, "denoised", None)
-            if x0 is None:
-                x0 = self._x0_from_output(model_output, timestep, sample)
-            self.timesteps.append(int(timestep))
-            self.x0.append(x0.detach())
-            if self.keep_xt:
-                self.xt.append(sample.detach())
-            return out if return_dict else (out.prev_sample,)
-
-        self.scheduler.step = step
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.scheduler.step  # drop the instance attribute: the class method shows again
-
-    def _x0_from_output(self, model_output, timestep, sample) -> torch.Tensor:
-        config = self.scheduler.config
-        alphas = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise UsageError(f"cannot read x0 from scheduler {type(self.scheduler).__name__}; use DDIM, DDPM, Euler or LCM")
-        a = alphas.to(sample.device)[int(timestep)].to(sample.dtype)
-        kind = config.get("prediction_type", "epsilon")
-        if kind == "epsilon":
-            return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
-        if kind == "v_prediction":
-            return a.sqrt() * sample - (1 - a).sqrt() * model_output
-        return model_output
-
-
 def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     """Run the pipeline for trajectories `indices` and return their shard tensors."""
     pipe = model.pipe
     gen_device = "cpu" if model.device.type == "mps" else model.device
     generators = [torch.Generator(gen_device).manual_seed(cfg.seed + i) for i in indices]
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in indices]
-    with _StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, torch.inference_mode():
+    with StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, torch.inference_mode():
         final = pipe(
             prompt=prompts,
             negative_prompt=[cfg.negative_prompt] * len(indices) if cfg.negative_prompt else None,
@@ -208,18 +157,6 @@ def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]
 
 
 # ---------------------------------------------------------------- shards
-
-
-def _shard_name(start: int, stop: int) -> str:
-    return f"shard-{start:06d}-{stop:06d}.safetensors"
-
-
-def shard_ranges(path: Path) -> list[tuple[int, int]]:
-    """The trajectory ranges [start, stop) already on disk, sorted."""
-    if not path.is_dir():
-        return []
-    ranges = [(int(m[1]), int(m[2])) for f in path.iterdir() if (m := SHARD_RE.match(f.name))]
-    return sorted(ranges)
 
 
 def _batches(indices: list[int], size: int) -> list[list[int]]:
@@ -255,55 +192,87 @@ def _work(done: list[tuple[int, int]], n: int, batch_size: int, rank: int, world
 def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None, on_wait=None) -> HarvestResult:
     """Harvest `cfg.samples` trajectories of `model`, reusing and completing what the store has.
 
-    Under `accelerate launch` each process computes its own share and writes its own shards;
-    the main process writes the manifest once all shards are in.
+    Under `accelerate launch` the main process holds the key's lock for the whole launch (so a
+    second launch on the same key waits instead of writing overlapping shards); each process
+    computes its own share and writes its own shards; the main process writes the manifest.
+    A damaged manifest or shard is reported through `on_wait` and computed again.
     """
     cfg = cfg.resolved(model)
     key = harvest_key(model, cfg)
     art = store.artifact("harvest", key)
     rank, world = distributed()
     started = time.perf_counter()
-    # Processes of one launch share the work by chunk ownership; separate runs take the key's lock.
-    guard = art.lock(on_wait=on_wait) if world == 1 else contextlib.nullcontext()
+    guard = art.lock(on_wait=on_wait) if rank == 0 else contextlib.nullcontext()
     with guard:
-        # 1. what is there already, and this process's share of what is missing
+        _barrier(world)  # the other processes start once the main one holds the lock
+        # 1. what is there already (damaged parts dropped), and this process's share of what is missing
+        if rank == 0:
+            _heal(art, on_wait)
+        _barrier(world)
+        previous = art.manifest() if art.exists() else {}
         batches = _work(shard_ranges(art.path), cfg.samples, cfg.batch_size, rank, world)
         mine = sum(len(b) for b in batches)
-        timesteps = art.manifest().get("timesteps") if art.exists() else None
+        timesteps = previous.get("timesteps") or None
+        checksums = dict(previous.get("checksums") or {})
+        if batches:
+            capacity.check_disk(art.path, capacity.harvest_bytes(model, cfg, mine), f"harvesting {mine} trajectories")
         if batches and rank == 0:
             # 2. the manifest first, so an interrupted artifact still says what it is
-            art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps))
+            art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps, checksums=checksums))
         done = 0
         if progress and batches:
             progress(done, mine)
-        # 3. sample batch by batch, each batch one atomic shard
+        # 3. sample batch by batch, each batch one atomic shard with its checksum in the manifest
         for batch in batches:
             tensors = _sample_batch(model, cfg, batch)
             timesteps = tensors["timesteps"].tolist()
-            store.write_tensors(art.path / _shard_name(batch[0], batch[-1] + 1), tensors, {"format": str(HARVEST_FORMAT)})
+            name = shard_name(batch[0], batch[-1] + 1)
+            store.write_tensors(art.path / name, tensors, {"format": str(HARVEST_FORMAT)})
+            checksums[name] = sha256(art.path / name)
+            if rank == 0:
+                art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps, checksums=checksums))
             done += len(batch)
             if progress:
                 progress(done, mine)
         computed = mine
         if world > 1:
-            from accelerate import PartialState
             from accelerate.utils import gather_object
 
-            PartialState().wait_for_everyone()
+            _barrier(world)
             computed = sum(gather_object([mine]))
             timesteps = timesteps or next((t for t in gather_object([timesteps]) if t), None)
+            for part in gather_object([checksums]):
+                checksums.update(part)
         # 4. the manifest records the complete state
         if rank == 0:
             manifest = art.manifest() if art.exists() else {}
             if computed or manifest.get("samples", 0) < cfg.samples or not manifest.get("complete"):
-                art.write_manifest(_manifest(model, cfg, art, complete=True, timesteps=timesteps))
-        if world > 1:
-            PartialState().wait_for_everyone()
+                art.write_manifest(_manifest(model, cfg, art, complete=True, timesteps=timesteps, checksums=checksums))
+        _barrier(world)
         manifest = art.manifest()
+        _barrier(world)  # every process has read the manifest before the main one lets the lock go
     return HarvestResult(key, art.path, manifest, cached=computed == 0, computed=computed, seconds=time.perf_counter() - started)
 
 
-def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, complete: bool, timesteps) -> dict[str, Any]:
+def _barrier(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _heal(art: store.Artifact, say) -> None:
+    """Drop what cannot be trusted: a damaged manifest (the whole artifact), then each damaged shard."""
+    if store.heal(art, say) or not art.exists():
+        return
+    for (a, b), problem in problems(art.path, art.manifest()).items():
+        if say is not None:
+            say(f"harvest {art.key}: {problem}; recomputing it")
+        (art.path / shard_name(a, b)).unlink(missing_ok=True)
+
+
+def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, complete: bool, timesteps,
+              checksums: dict[str, str]) -> dict[str, Any]:
     ranges = shard_ranges(art.path)
     available = len(set(i for a, b in ranges for i in range(a, b)))
     previous = art.manifest() if art.exists() else {}
@@ -320,8 +289,9 @@ def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, co
         "timesteps": timesteps or [],
         "record": list(cfg.record),
         "complete": complete,
-        "shards": [_shard_name(a, b) for a, b in ranges],
-        "bytes": sum((art.path / _shard_name(a, b)).stat().st_size for a, b in ranges),
+        "shards": [shard_name(a, b) for a, b in ranges],
+        "checksums": {shard_name(a, b): checksums[shard_name(a, b)] for a, b in ranges if shard_name(a, b) in checksums},
+        "bytes": sum((art.path / shard_name(a, b)).stat().st_size for a, b in ranges),
         "versions": _versions(),
     }
 
@@ -339,25 +309,39 @@ def _versions() -> dict[str, str]:
 
 
 def load(path: Path, samples: int | None = None, names: Sequence[str] = ("x0", "xt")) -> Harvest:
-    """Read a harvest folder's first `samples` trajectories (all if None) into one `Harvest`."""
+    """Read a harvest folder's first `samples` trajectories (all if None) into one `Harvest`.
+
+    Every shard read is checked first (header, shapes, dtypes, checksum where the manifest has
+    one); overlapping or damaged shards make it a `DamagedArtifactError` naming the file.
+    """
     path = Path(path)
     art = store.Artifact("harvest", path.name, path)
     manifest = art.manifest()
+    ranges = shard_ranges(path)
+    if overlaps(ranges):
+        (a, b), (c, d) = overlaps(ranges)[0]
+        raise art.damaged(f"shards {shard_name(a, b)} and {shard_name(c, d)} overlap (two runs wrote it at once)")
+    wanted = [(a, b) for a, b in ranges if samples is None or a < samples]
+    bad = problems(path, {**manifest, "checksums": {k: v for k, v in (manifest.get("checksums") or {}).items()
+                                                    if any(k == shard_name(a, b) for a, b in wanted)}})
+    bad = {r: p for r, p in bad.items() if r in wanted}
+    if bad:
+        raise art.damaged(next(iter(bad.values())))
     parts: dict[str, list[torch.Tensor]] = {}
     timesteps = None
     count = 0
-    for a, b in shard_ranges(path):
-        if samples is not None and a >= samples:
-            break
+    for a, b in wanted:
+        if a != count:
+            raise art.damaged(f"trajectories {count}..{a - 1} are missing before {shard_name(a, b)}")
         try:
-            with safe_open(str(path / _shard_name(a, b)), framework="pt") as f:
-                for name in f.keys():
+            with safe_open(str(path / shard_name(a, b)), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     if name == "timesteps":
                         timesteps = f.get_tensor(name)
                     elif name in ("final", "seeds", "prompt_index") or name in names:
                         parts.setdefault(name, []).append(f.get_tensor(name))
-        except Exception as exc:  # a damaged shard must say where it is
-            raise StoreError(f"cannot read harvest shard {path / _shard_name(a, b)}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged shard must say where it is
+            raise art.damaged(f"cannot read {shard_name(a, b)}: {exc}") from exc
         count = b
     if timesteps is None:
         raise StoreError(f"harvest {path.name} has no shards; run `conceptkit harvest` again to complete it")

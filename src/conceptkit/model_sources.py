@@ -1,8 +1,8 @@
-"""Where a model's weights come from: a path, the local Hugging Face cache, a diffusers folder.
+"""Where a model's weights come from: a path, the Hugging Face cache (downloading what is missing), a folder.
 
-All lookups are local: a hub id is resolved in the cache on disk (never over the network), and a
-folder is checked for safetensors weights before diffusers is asked to load it, so a missing or
-pickled-only model fails at once with a line saying what to do.
+A hub id is looked up in the local cache first and downloaded by `hub` when missing (or fails in
+one line when offline); a folder is checked for safetensors weights before diffusers is asked to
+load it, so a missing or pickled-only model fails at once with a line saying what to do.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
+from conceptkit import hub
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
-from conceptkit.single_file import CANONICAL_CONFIG_REPOS
+from conceptkit.hub import cached_snapshot, hf_cache_dir  # noqa: F401 - re-exported: where cached models live
+from conceptkit.hub_files import PIPELINE_ARCH
+from conceptkit.full_models import FULL_NAMES
+from conceptkit.single_file import CANONICAL_CONFIG_REPOS, inspect_single_file
+from conceptkit.tiny_models import TINY_NAMES
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-PIPELINE_ARCH = {  # model_index.json `_class_name` -> loader family
-    "StableDiffusionPipeline": "sd",
-    "LatentConsistencyModelPipeline": "sd",  # LCM-distilled SD 1.5: same components
-    "StableDiffusionXLPipeline": "sdxl",
-}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".bin", ".pt", ".pth")
 
 
@@ -40,37 +40,58 @@ def looks_like_path(spec: str) -> bool:
     return Path(spec).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment now (not when huggingface_hub was imported)."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(os.path.expandvars(explicit)).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
+def hub_needs(spec: str, config: str | Path | None = None, *, prefer_fp16: bool = False) -> list[hub.Need]:
+    """The hub repositories loading `spec` needs that are not in the local cache yet (no network call).
+
+    Args:
+        spec: as for `load_model`.
+        config: as for `load_model`.
+        prefer_fp16: the run computes in half precision (fp16 weights are downloaded where a repository has them).
+    """
+    spec = str(spec)
+    if spec in TINY_NAMES or spec in FULL_NAMES or spec == "toy":  # built-ins need nothing from the hub
+        return []
+    if looks_like_path(spec):
+        path = Path(spec).expanduser()
+        return config_needs(inspect_single_file(path).arch, config, path) if path.is_file() else []
+    if HUB_ID_RE.match(spec):
+        need = pipeline_need(spec, prefer_fp16)
+        return [] if hub.local_state(need)[0] is not None else [need]
+    return []
 
 
-def cached_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of `repo_id` (its `main` revision), or `ModelNotFoundError`."""
-    cache = hf_cache_dir()
-    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = None
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
-    else:  # downloaded by commit hash only: accept the single snapshot there is
-        snapshots = sorted(p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()) if repo_dir.is_dir() else []
-        snapshot = snapshots[0] if len(snapshots) == 1 else None
-    if snapshot is None or not snapshot.is_dir():
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}); download it on a machine with "
-            f"network (huggingface-cli download {repo_id}) or pass a local folder / .safetensors file"
-        )
-    return snapshot
+def pipeline_need(spec: str, prefer_fp16: bool) -> hub.Need:
+    return hub.Need(spec, "pipeline", role="model", prefer_fp16=prefer_fp16)
+
+
+def config_needs(arch: str, config: str | Path | None, path: Path) -> list[hub.Need]:
+    """The hub repository a single file borrows its configs from, when it is not local yet ([] otherwise)."""
+    if config is not None:
+        label = str(config)
+        if Path(label).expanduser().is_dir() or not is_hub_id(label):
+            return []
+        need = _config_need(label, path)
+        return [] if hub.local_state(need)[0] is not None else [need]
+    tried = CANONICAL_CONFIG_REPOS[arch]
+    if any(hub.local_state(_config_need(repo_id, path))[0] is not None for repo_id in tried):
+        return []
+    return [_config_need(tried[0], path)]
+
+
+def _config_need(repo_id: str, path: Path) -> hub.Need:
+    return hub.Need(
+        repo_id, "config", role=f"configs of {path.name}",
+        alternative="or pass --config with a diffusers folder of the same architecture",
+    )
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` is written like a Hugging Face id (org/name) rather than a path."""
+    return bool(HUB_ID_RE.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
 def resolve_single_file_config(arch: str, config: str | Path | None, path: Path) -> tuple[Path, str]:
-    """The local diffusers folder whose configs and tokenizers a single file is loaded with."""
+    """The local diffusers folder whose configs and tokenizers a single file is loaded with (downloaded if missing)."""
     if config is not None:
         label = str(config)
         folder = Path(label).expanduser()
@@ -78,25 +99,18 @@ def resolve_single_file_config(arch: str, config: str | Path | None, path: Path)
             if not (folder / "model_index.json").is_file():
                 raise UsageError(f"--config {label} is not a diffusers pipeline folder (no model_index.json)")
             return folder, label
-        if HUB_ID_RE.match(label) and not label.startswith((".", "/", "~")):
-            snapshot = cached_snapshot(label)
+        if is_hub_id(label):
+            snapshot = hub.resolve(_config_need(label, path))
             if not (snapshot / "model_index.json").is_file():
                 raise UsageError(f"--config {label} is in the cache but is not a diffusers pipeline (no model_index.json)")
             return snapshot, label
         raise ModelNotFoundError(f"--config {label}: no such folder, and not a Hugging Face id")
     tried = CANONICAL_CONFIG_REPOS[arch]
     for repo_id in tried:
-        try:
-            snapshot = cached_snapshot(repo_id)
-        except ModelNotFoundError:
-            continue
-        if (snapshot / "model_index.json").is_file():
+        snapshot, _ = hub.local_state(_config_need(repo_id, path))
+        if snapshot is not None:
             return snapshot, repo_id
-    raise ModelNotFoundError(
-        f"{path.name} is an {arch} checkpoint, and loading it offline needs the configs of {' or '.join(tried)}, "
-        f"which are not in the local Hugging Face cache ({hf_cache_dir()}); pass --config with a diffusers folder "
-        f"of the same architecture (or download them: huggingface-cli download {tried[0]} --include '*.json' '*.txt')"
-    )
+    return hub.resolve(_config_need(tried[0], path)), tried[0]
 
 
 def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:

@@ -1,7 +1,8 @@
-"""Load a text-to-image pipeline: a built-in, a cached hub id, a local folder or a single file.
+"""Load a text-to-image pipeline: a built-in, a hub id, a local folder or a single file.
 
-Everything is offline: a hub id is looked up in the local Hugging Face cache only, and a model
-that is not on disk fails at once with a line saying how to get it. Weights are loaded in fp32
+A hub id is looked up in the local Hugging Face cache first and downloaded into it when missing
+(`hub`); offline, a model that is not on disk fails at once with a line saying how to get it.
+diffusers itself only ever reads local folders. Weights are loaded in fp32
 on the CPU, fingerprinted, then moved to the requested device and dtype, so the fingerprint
 names the weights whatever device or precision a run uses. Handles SD 1.x / 2.x
 (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), few-step distilled variants
@@ -23,10 +24,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from conceptkit import hub
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
 from conceptkit.model_sources import (
-    HUB_ID_RE, cached_snapshot, check_folder, is_single_file_spec, load_folder, looks_like_path, resolve_single_file_config,
-    toy_folder,
+    HUB_ID_RE, check_folder, hub_needs, is_single_file_spec, load_folder, looks_like_path, pipeline_need,
+    resolve_single_file_config, toy_folder,
 )
 from conceptkit.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.full_models import FULL_NAMES, build_full
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 __all__ = [
-    "BuiltinModel", "LoadedModel", "build_tiny", "builtin_models", "fingerprint_pipeline", "load_model",
+    "BuiltinModel", "LoadedModel", "build_tiny", "builtin_models", "fingerprint_pipeline", "hub_needs", "load_model",
     "resolve_device", "resolve_dtype",
 ]
 
@@ -193,15 +195,15 @@ def _tensor_sample(tensor: torch.Tensor) -> bytes:
 # ---- loading -------------------------------------------------------------------------------
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: str | Path | None = None) -> LoadedModel:
-    """Load `spec` offline and return it on the chosen device and dtype.
+    """Load `spec` (downloading a missing hub id unless offline) and return it on the chosen device and dtype.
 
     Args:
-        spec: a built-in name (toy, tiny-sd, tiny-sdxl), a Hugging Face id in the local cache,
+        spec: a built-in name (toy, tiny-sd, tiny-sdxl), a Hugging Face id (org/name),
             a local diffusers folder, or a single `.safetensors` checkpoint (LDM layout).
         device: auto|cpu|cuda|mps.
         dtype: auto|float32|float16|bfloat16.
         config: for a single file only: a diffusers folder or cached hub id holding the configs
-            and tokenizers; by default the architecture's canonical repo in the local cache.
+            and tokenizers; by default the architecture's canonical repo (downloaded if missing).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -210,7 +212,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
         raise UsageError("--config applies to single-file (.safetensors) checkpoints only")
 
     # 1. find the weights and check what can be checked cheaply (before diffusers is even imported)
-    load, source, names, file_arch = _locate(spec, config)
+    load, source, names, file_arch = _locate(spec, config, prefer_fp16=torch_dtype in (torch.float16, torch.bfloat16))
 
     # 2. load them: fp32, on the CPU
     with _quiet_loading():
@@ -233,7 +235,9 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     )
 
 
-def _locate(spec: str, config: str | Path | None) -> tuple[Callable[[], DiffusionPipeline], str, str, str | None]:
+def _locate(
+    spec: str, config: str | Path | None, prefer_fp16: bool = False
+) -> tuple[Callable[[], DiffusionPipeline], str, str, str | None]:
     """(a loader of the pipeline in fp32 on the CPU, its source, the names to read sampling hints from,
     the architecture a single file's keys show or None).
 
@@ -260,7 +264,7 @@ def _locate(spec: str, config: str | Path | None) -> tuple[Callable[[], Diffusio
         check_folder(path, spec)
         return (lambda: load_folder(path, spec)), "folder", path.resolve().name, None
     if HUB_ID_RE.match(spec):
-        snapshot = cached_snapshot(spec)
+        snapshot = hub.resolve(pipeline_need(spec, prefer_fp16))
         check_folder(snapshot, spec)
         return (lambda: load_folder(snapshot, spec)), "hub-cache", spec, None
     choices = ", ".join(b.name for b in BUILTINS)

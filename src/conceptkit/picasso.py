@@ -11,6 +11,7 @@ a per-pixel segmentation; and timestep x timestep similarity maps per sub-concep
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -196,6 +197,9 @@ def cluster(stats: NeuronStats, cfg: ClusterConfig, *, with_similarity: bool = T
     return Picasso(cfg, sel, z, fit, scores, centre_maps, segment(centre_maps), sim)
 
 
+MAX_SWEEP_POINTS = 64  # one clustering per value
+
+
 def parse_range(text: str, what: str, integer: bool) -> list[float]:
     """'2:8' -> 2..8 (integers, inclusive); '0.5:0.95:10' -> 10 evenly spaced values; '3' -> [3]."""
     try:
@@ -204,11 +208,17 @@ def parse_range(text: str, what: str, integer: bool) -> list[float]:
         raise UsageError(f"--sweep-{what} takes START:STOP[:COUNT], e.g. 2:8 (got {text!r})") from None
     if len(parts) == 1:
         parts = parts * 2
+    if not all(np.isfinite(parts)):
+        raise UsageError(f"--sweep-{what} takes finite numbers (got {text!r})")
     if len(parts) not in (2, 3) or parts[1] < parts[0]:
         raise UsageError(f"--sweep-{what} takes START:STOP[:COUNT] with STOP >= START (got {text!r})")
     if len(parts) == 3:
         if parts[2] < 1 or parts[2] != int(parts[2]):
             raise UsageError(f"--sweep-{what}: COUNT must be a positive integer (got {text!r})")
+    n = parts[2] if len(parts) == 3 else parts[1] - parts[0] + 1 if integer else 0
+    if n > MAX_SWEEP_POINTS:
+        raise UsageError(f"--sweep-{what} {text!r} gives {n:,.0f} values; a sweep may have at most {MAX_SWEEP_POINTS}")
+    if len(parts) == 3:
         values = list(np.linspace(parts[0], parts[1], int(parts[2])))
     elif integer:
         values = list(range(int(parts[0]), int(parts[1]) + 1))
@@ -289,8 +299,16 @@ def cluster_rows(stats: NeuronStats, res: Picasso) -> list[dict[str, Any]]:
     return rows
 
 
-def save(stats: NeuronStats, res: Picasso, on_wait=None) -> tuple[str, Path, dict[str, str]]:
-    """Write the arrays of a clustering to the store: (key, folder, {name: path})."""
+def save(stats: NeuronStats, res: Picasso, on_wait=None,
+         figures: Callable[[Path], dict[str, str]] | None = None,
+         describe: Callable[[str, Path, dict[str, str], dict[str, str]], dict[str, Any]] | None = None,
+         ) -> tuple[str, Path, dict[str, str], dict[str, str]]:
+    """Write a clustering as one artifact: (key, folder, {array: path}, {figure: path}).
+
+    The arrays, the figures that `figures(folder)` draws into the folder it is given, and the
+    manifest `describe(key, folder, arrays, figures)` returns are written into a temporary folder
+    that is then renamed into place, so a kill leaves the old artifact or the new one, never a part.
+    """
     key = cluster_key(stats, res.config)
     art = store.artifact("cluster", key)
     sel, fit = res.selection, res.clustering
@@ -302,17 +320,22 @@ def save(stats: NeuronStats, res: Picasso, on_wait=None) -> tuple[str, Path, dic
     if res.similarity is not None:
         arrays.update(similarity_jaccard=res.similarity.jaccard, similarity_cluster_jaccard=res.similarity.cluster_jaccard,
                       similarity_cluster_correlation=res.similarity.cluster_correlation)
-    paths = {}
     with art.lock(on_wait=on_wait):
-        for name, a in arrays.items():
-            _save_npy(art.path / f"{name}.npy", np.asarray(a))
-            paths[name] = str(art.path / f"{name}.npy")
-    return key, art.path, paths
-
-
-def write_manifest(art_path: Path, doc: dict[str, Any]) -> None:
-    art = store.Artifact("cluster", art_path.name, art_path)
-    art.write_manifest({"created": time.time(), "complete": True, **doc})
+        tmp = art.path.parent / f".tmp-{key}-{os.getpid()}"
+        store.remove_tree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            for name, a in arrays.items():
+                _save_npy(tmp / f"{name}.npy", np.asarray(a))
+            paths = {name: str(art.path / f"{name}.npy") for name in arrays}
+            drawn = figures(tmp) if figures is not None else {}
+            images = {name: str(art.path / Path(p).name) for name, p in drawn.items()}
+            doc = describe(key, art.path, paths, images) if describe is not None else {}
+            store.Artifact("cluster", key, tmp).write_manifest({"created": time.time(), "complete": True, **doc})
+            store.publish(tmp, art.path)
+        finally:
+            store.remove_tree(tmp)  # already moved into place unless something failed
+    return key, art.path, paths, images
 
 
 def scores_dict(scores: ClusterScores | None, seconds: float) -> dict[str, float | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ def _save(fig, path: Path) -> str:
     with store.atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.chmod(path, 0o644)  # a report is for sharing; the store's temporary files are private
     return str(path)
 
 
@@ -156,5 +154,4 @@ def write(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> d
     path = folder / "report.html"
     with store.atomic_path(path) as tmp:
         tmp.write_text(page(title, sections, note), encoding="utf-8")
-    os.chmod(path, 0o644)
     return {**files, "html": str(path)}

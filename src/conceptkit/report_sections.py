@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
         f"{_fmt(doc.get('clip_within_5pct'))}.</p>",
     ]
     if not doc["clip_available"]:
-        sections.append(f"<p class=\"note\">CLIP score unavailable: {doc['clip_note']}</p>")
+        sections.append(f"<p class=\"note\">CLIP score unavailable: {html.escape(str(doc['clip_note']))}</p>")
     sections += [_img(files["base_grid"], "base model"), _img(files["slider_grid"], "random sparse sliders")]
     if k:
         sections.append(_table("per slider", ["index", "label", f"effect size (+{doc['effect_strength']:g})",
@@ -117,7 +118,7 @@ def images(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> 
     if doc.get("b"):
         sections.append(_table("comparison", ["Fréchet distance (A vs B)"], [[doc["frechet_distance"]]]))
     if not doc["clip_available"]:
-        sections.append(f"<p class=\"note\">CLIP score unavailable: {doc['clip_note']}</p>")
+        sections.append(f"<p class=\"note\">CLIP score unavailable: {html.escape(str(doc['clip_note']))}</p>")
     sections += [_img(p, f"first images of {'A' if n == 'a_grid' else 'B'}") for n, p in files.items()]
     return "images" + (f" {doc['a']['folder']} vs {doc['b']['folder']}" if doc.get("b") else f" {doc['a']['folder']}"), sections, files
 
@@ -166,5 +167,5 @@ def cluster(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
     missing = [w for w, have in (("heatmap", "heatmap" in files), ("elbow (run `conceptkit cluster --sweep-k`)", "elbow" in files),
                                  ("tau curve (run `conceptkit cluster --sweep-tau`)", "tau_curve" in files)) if not have]
     if missing:
-        sections.append(f"<p class=\"note\">not in the cluster artifact: {', '.join(missing)}</p>")
+        sections.append(f"<p class=\"note\">not in the cluster artifact: {html.escape(', '.join(missing))}</p>")
     return f"cluster {doc['cluster']} ({doc['prompt']!r})", sections, files

@@ -3,8 +3,8 @@
 A single `.safetensors` file in the original LDM/CompVis layout (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.*` or `conditioner.embedders.*`) holds the weights but
 no configs and no tokenizer. diffusers' `from_single_file` takes those from a diffusers folder
-(`config=`); `models.py` finds that folder (a `--config`, or the canonical repo of the detected
-architecture in the local Hugging Face cache) and this module does the rest.
+(`config=`); `model_sources.py` finds that folder (a `--config`, or the canonical repo of the
+detected architecture, its configs downloaded when missing) and this module does the rest.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ For a target linear layer y = W x, sample n of the UNet batch gets
 
     y_n = W x_n + (alpha / r) * sum_k w[n, k] * B_k A_k x_n,   A: (K, r, in), B: (K, out, r)
 
+and a target Conv2d the same with A x replaced by a conv with the layer's kernel to r channels
+(A: (K, r, in, kh, kw); see `slider_layers.py`),
 with w the routing: sparse (one slider per sample, `SliderBank.route(indices, strengths)`) or
 dense (any combination, `SliderBank.route_dense(strengths)`). Weight deltas add exactly like
 peft adapters under `set_adapters(names, weights)`; strength 0 returns the base output.
@@ -44,12 +46,12 @@ from conceptkit.slider_files import (  # noqa: F401  re-exported: the file forma
     RESERVED_KEYS,
     LoadedSlider,
     SliderFactors,
-    export_kohya,
-    kohya_key,
     load_slider_file,
     peft_state_dict,
     save_slider_file,
 )
+from conceptkit.slider_kohya import export_kohya, kohya_key  # noqa: F401  re-exported
+from conceptkit.slider_layers import LayerSpec, dense_delta, select_targets, sparse_delta
 
 DEFAULT_TARGETS = r".*attn2\.(to_k|to_v)"  # cross-attention key/value projections
 
@@ -105,7 +107,7 @@ class _Routing:
 
 
 class SliderBank(nn.Module):
-    """K rank-r sliders injected into the target linears of a UNet through forward hooks.
+    """K rank-r sliders injected into the target linears and convs of a UNet through forward hooks.
 
     The UNet's modules are not replaced: each target gets a forward hook (prepended, so hooks
     registered earlier, such as harvest recorders, see the slider's output). A target that is
@@ -130,26 +132,19 @@ class SliderBank(nn.Module):
     def __init__(self, unet: nn.Module, config: SliderLoraConfig):
         super().__init__()
         self.config = config
-        pattern = re.compile(config.target_modules)
-        targets = [(n, m) for n, m in unet.named_modules() if n and pattern.fullmatch(n)]
-        if not targets:
-            raise ValueError(f"no module name matches {config.target_modules!r}")
-        linears = [getattr(m, "base_layer", m) for _, m in targets]  # a peft LoRA layer: its base
-        for (name, module), lin in zip(targets, linears):
-            if not isinstance(lin, nn.Linear):
-                raise ValueError(f"{name} matches {config.target_modules!r} but is a "
-                                 f"{type(module).__name__}, not an nn.Linear")
-            if any(name.startswith(other + ".") for other, _ in targets):
-                raise ValueError(f"{name} and a module around it both match {config.target_modules!r}")
-        self.module_names: tuple[str, ...] = tuple(n for n, _ in targets)
+        found = select_targets(unet, config.target_modules)
+        targets = [(t.name, t.module) for t in found]
+        layers = [t.layer for t in found]
+        self.module_names: tuple[str, ...] = tuple(t.name for t in found)
+        self.specs: tuple[LayerSpec, ...] = tuple(t.spec for t in found)
         k, r = config.num_sliders, config.rank
         gen = torch.Generator().manual_seed(config.seed)
         self.lora_A, self.lora_B = nn.ParameterList(), nn.ParameterList()
-        for lin in linears:
-            std_a = config.init_a_std or lin.in_features ** -0.5
-            a = torch.randn(k, r, lin.in_features, generator=gen) * std_a
-            b = torch.randn(k, lin.out_features, r, generator=gen) * config.init_b_std
-            device = lin.weight.device
+        for spec, layer in zip(self.specs, layers):
+            std_a = config.init_a_std or spec.fan_in ** -0.5
+            a = torch.randn(k, *spec.a_shape(r), generator=gen) * std_a
+            b = torch.randn(k, spec.out_features, r, generator=gen) * config.init_b_std
+            device = layer.weight.device
             self.lora_A.append(nn.Parameter(a.to(device, config.master_dtype)))
             self.lora_B.append(nn.Parameter(b.to(device, config.master_dtype)))
         self._routing: _Routing | None = None
@@ -244,8 +239,7 @@ class SliderBank(nn.Module):
                 return None
             x = args[0] if args else kwargs["input"]
             n, dt = x.shape[0], x.dtype
-            xf = x.reshape(n, -1, x.shape[-1])  # (N, T, in)
-            a, b = self.lora_A[i], self.lora_B[i]  # (K, r, in), (K, out, r)
+            a, b = self.lora_A[i], self.lora_B[i]  # (K, r, in[, kh, kw]), (K, out, r)
             coef = routing.coef.to(dt)
             if routing.indices is None and coef.ndim == 1:
                 coef = coef.expand(n, -1)  # dense (K,): the same sliders on every sample
@@ -253,13 +247,9 @@ class SliderBank(nn.Module):
                 raise ValueError(f"routing has {coef.shape[0]} entries but "
                                  f"{self.module_names[i]} sees a batch of {n}")
             if routing.indices is not None:  # sparse: gather each sample's slider
-                a_n = a[routing.indices].to(dt)  # (N, r, in)
-                b_n = b[routing.indices].to(dt)  # (N, out, r)
-                h = torch.bmm(xf, a_n.transpose(1, 2)) * coef[:, None, None]  # (N, T, r)
-                delta = torch.bmm(h, b_n.transpose(1, 2))  # (N, T, out)
+                delta = sparse_delta(self.specs[i], x, a[routing.indices].to(dt), b[routing.indices].to(dt), coef)
             else:  # dense: every slider, weighted per sample
-                h = torch.einsum("ntd,krd->ntkr", xf, a.to(dt)) * coef[:, None, :, None]
-                delta = torch.einsum("ntkr,kor->nto", h, b.to(dt))
+                delta = dense_delta(self.specs[i], x, a.to(dt), b.to(dt), coef)
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return hook
@@ -276,13 +266,13 @@ class SliderBank(nn.Module):
 
     # ---- slider files ----------------------------------------------------------------------
     def slider_factors(self, k: int) -> SliderFactors:
-        """A detached float32 copy of slider k's factors."""
+        """A detached float32 copy of slider k's factors, file-shaped: A (r, in[, kh, kw]),
+        B (out, r) or (out, r, 1, 1) for a conv."""
         self._check_index(k)
-        names = self.module_names
-        return SliderFactors(
-            lora_A={n: a[k].detach().float().cpu().clone() for n, a in zip(names, self.lora_A)},
-            lora_B={n: b[k].detach().float().cpu().clone() for n, b in zip(names, self.lora_B)},
-            rank=self.config.rank, alpha=self.config.alpha)
+        a = {n: p[k].detach().float().cpu().clone() for n, p in zip(self.module_names, self.lora_A)}
+        b = {n: p[k].detach().float().cpu().reshape(s.file_b_shape(self.config.rank)).clone()
+             for n, p, s in zip(self.module_names, self.lora_B, self.specs)}
+        return SliderFactors(lora_A=a, lora_B=b, rank=self.config.rank, alpha=self.config.alpha)
 
     def slider_state_dict(self, k: int, prefix: str = "unet") -> dict[str, torch.Tensor]:
         """Slider k as a diffusers/peft state dict: `{prefix}.{module}.lora_A.weight` (r, in) and
@@ -304,11 +294,13 @@ class SliderBank(nn.Module):
             raise UsageError(f"slider rank {factors.rank} != bank rank {self.config.rank}")
         ratio = (factors.alpha / factors.rank) / self.config.scaling
         with torch.no_grad():
-            for name, a, b in zip(self.module_names, self.lora_A, self.lora_B):
-                if factors.lora_A[name].shape != a.shape[1:] or factors.lora_B[name].shape != b.shape[1:]:
-                    raise UsageError(f"slider factors for {name} do not fit this UNet's layer shapes")
-                a[k].copy_(factors.lora_A[name])
-                b[k].copy_(factors.lora_B[name] * ratio)
+            for name, a, b, spec in zip(self.module_names, self.lora_A, self.lora_B, self.specs):
+                fa, fb = factors.lora_A[name], factors.lora_B[name]
+                if tuple(fa.shape) != tuple(a.shape[1:]) or tuple(fb.shape) != spec.file_b_shape(factors.rank):
+                    raise UsageError(f"slider factors for {name} ({tuple(fa.shape)}, {tuple(fb.shape)}) do not fit "
+                                     f"this UNet's layer ({tuple(a.shape[1:])}, {spec.file_b_shape(factors.rank)})")
+                a[k].copy_(fa)
+                b[k].copy_(fb.reshape(b.shape[1:]) * ratio)
 
     def load_slider(self, k: int, path: str | Path) -> dict[str, str]:
         """Load one of our slider files into slot k; returns the file's caller metadata."""

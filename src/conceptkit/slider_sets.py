@@ -4,34 +4,54 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from conceptkit import store
-from conceptkit.errors import ArtifactNotFoundError, UsageError
+from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError, UsageError
 from conceptkit.sliders import SliderInfo, SliderSet, from_manifest
 
 LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,47}$")
 REF_RE = re.compile(r"^(?:(?P<set>[^/=\s]+)/)?(?P<slider>[^/=\s]+)=(?P<scale>.+)$")
 
 
-def list_sets() -> list[SliderSet]:
-    """Every complete slider set in the store, by name."""
+def _folders() -> list[Path]:
     base = store.kind_dir("sliders")
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+
+
+def list_sets() -> list[SliderSet]:
+    """Every complete, sound slider set in the store, by name (see `damaged_sets` for the others)."""
     out = []
-    if base.is_dir():
-        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                m = store.read_json(folder / store.MANIFEST)
-            except Exception:  # noqa: BLE001, S112 - a foreign or broken folder is not a set
-                continue
-            if m.get("complete") and m.get("sliders"):
-                out.append(from_manifest(folder, m))
+    for folder in _folders():
+        try:
+            m = store.Artifact("sliders", folder.name, folder).manifest()
+        except (ArtifactNotFoundError, DamagedArtifactError):
+            continue
+        if m.get("complete"):
+            out.append(from_manifest(folder, m))
+    return out
+
+
+def damaged_sets() -> list[DamagedArtifactError]:
+    """The set folders whose manifest does not read or does not pass the schema, one error each."""
+    out = []
+    for folder in _folders():
+        try:
+            store.Artifact("sliders", folder.name, folder).manifest()
+        except DamagedArtifactError as exc:
+            out.append(exc)
+        except ArtifactNotFoundError:
+            continue
     return out
 
 
 def load_set(name: str) -> SliderSet:
-    """The set called `name`, or `ArtifactNotFoundError` listing what there is."""
+    """The set called `name`, or `ArtifactNotFoundError` listing what there is (`DamagedArtifactError`
+    naming its path and the command that clears it if its manifest is unsound)."""
     store.check_name(name, "slider set name")
     art = store.artifact("sliders", name)
     if not art.exists():
@@ -68,24 +88,35 @@ def rename(name: str, old: str, new: str) -> SliderSet:
             raise UsageError(f"set {name!r} already has a slider labelled {new!r}")
         m = sset.manifest
         m["sliders"][target.index]["label"] = new
-        loaded = load_slider_file(sset.path / target.file)
+        file = slider_path(sset, target)  # never a file outside the set
+        loaded = load_slider_file(file)
         meta = {**loaded.metadata, "label": new}
-        with store.atomic_path(sset.path / target.file) as tmp:
+        with store.atomic_path(file) as tmp:
             save_slider_file(loaded.factors, tmp, meta, slider_index=target.index)
         art.write_manifest({k: v for k, v in m.items() if k not in ("kind", "key", "conceptkit_version")})
     return load_set(name)
 
 
-def export_kohya(name: str, folder: Path) -> list[Path]:
-    """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format."""
-    from conceptkit.slider_lora import export_kohya as write
+def export_kohya(name: str, folder: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format.
+
+    `warn` gets one line (for the whole set) when some modules are ones kohya sd-scripts never loads."""
+    from conceptkit.slider_kohya import export_kohya as write
 
     sset = load_set(name)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--export folder {folder} is a file")
-    return [write(sset.path / s.file, folder / f"{sset.name}-{s.index:02d}-{store.slugify(s.label)}.safetensors")
-            for s in sset.sliders]
+    from conceptkit.infotext import slider_lora_name
+
+    jobs = [(slider_path(sset, s), store.inside(folder, f"{slider_lora_name(sset.name, s.index, s.label)}.safetensors",
+                                                 "export file")) for s in sset.sliders]
+    return [write(src, dest, warn=warn if i == 0 else None) for i, (src, dest) in enumerate(jobs)]
+
+
+def slider_path(sset: SliderSet, slider: SliderInfo) -> Path:
+    """The file of `slider`, checked to be a plain name that resolves inside the set's folder."""
+    return store.inside(sset.path, slider.file, f"slider set {sset.name!r} file")
 
 
 # ---------------------------------------------------------------- --slider references
@@ -100,6 +131,9 @@ class SliderRef:
     scale: float
 
 
+MAX_STRENGTH = 100.0  # beyond this a LoRA only saturates the image (1e30 gives NaN and a black PNG)
+
+
 def parse_ref(text: str) -> SliderRef:
     m = REF_RE.match(text.strip())
     if not m:
@@ -108,8 +142,8 @@ def parse_ref(text: str) -> SliderRef:
         scale = float(m["scale"])
     except ValueError:
         raise UsageError(f"--slider {text!r}: scale {m['scale']!r} is not a number") from None
-    if not math.isfinite(scale):
-        raise UsageError(f"--slider {text!r}: scale must be finite")
+    if not math.isfinite(scale) or abs(scale) > MAX_STRENGTH:
+        raise UsageError(f"--slider {text!r}: scale must be a finite number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
     if m["set"] is not None:
         store.check_name(m["set"], "slider set name")
     return SliderRef(m["set"], m["slider"], scale)

@@ -10,6 +10,8 @@ prediction of the b pairs is computed once and shared by the K sliders.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from conceptkit.slider_lora import SliderBank
 
 Progress = Callable[..., None]
 CHECKPOINT_EVERY = 25  # optimiser steps between training checkpoints
+CHECKPOINT_EVERY_S = 60.0  # ... or wall seconds, whichever comes first: a kill loses at most about a minute
 
 
 # ---------------------------------------------------------------- maths on arrays
@@ -237,8 +240,9 @@ def train_step(model, bank: SliderBank, encoder, pairs: PairSource, cond: Condit
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, step: int, key: str) -> None:
-    """Factors and AdamW moments in one safetensors file, written atomically (no pickle)."""
+def save_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, step: int, key: str,
+                    losses: list[float] | None = None) -> None:
+    """Factors, AdamW moments and the losses of steps 0..step-1 in one safetensors file, written atomically (no pickle)."""
     from conceptkit import store
 
     tensors: dict[str, torch.Tensor] = {}
@@ -250,11 +254,19 @@ def save_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, st
                 tensors[f"p{i}.{name}"] = st[name]
         if "step" in st:
             tensors[f"p{i}.step"] = torch.as_tensor(st["step"]).float().reshape(1)
+    if losses is not None:
+        tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     store.write_tensors(path, tensors, {"step": str(step), "key": key})
 
 
-def load_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, key: str) -> int:
-    """Restore a checkpoint written for the same settings key; returns its step (0 if none fits)."""
+def load_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, key: str,
+                    losses: list[float] | None = None) -> int:
+    """Restore a checkpoint written for the same settings key; returns its step (0 if none fits).
+
+    The losses of the steps before it are appended to `losses` (checkpoints from before losses
+    were kept have none: then `losses` stays empty). A checkpoint whose tensors do not match
+    the bank's shapes is damaged: training starts over.
+    """
     from safetensors import safe_open
 
     if not path.is_file():
@@ -265,16 +277,22 @@ def load_checkpoint(path: Path, bank: SliderBank, opt: torch.optim.Optimizer, ke
             if meta.get("key") != key:
                 return 0
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        step = int(meta.get("step", 0))
     except Exception:  # noqa: BLE001 - a damaged checkpoint means start over
         return 0
     params = list(bank.parameters())
+    if not all(f"p{i}" in tensors and tensors[f"p{i}"].shape == p.shape for i, p in enumerate(params)) or step < 0:
+        return 0
+    past = tensors.get("losses")
+    if losses is not None and past is not None and past.dim() == 1 and len(past) == step:
+        losses.extend(float(x) for x in past)
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"p{i}"])
             if f"p{i}.exp_avg" in tensors:
                 opt.state[p] = {"exp_avg": tensors[f"p{i}.exp_avg"].to(p), "exp_avg_sq": tensors[f"p{i}.exp_avg_sq"].to(p),
                                 "step": tensors[f"p{i}.step"].reshape(()).clone()}
-    return int(meta.get("step", 0))
+    return step
 
 
 def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditioning, guidance: float,
@@ -284,13 +302,14 @@ def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditionin
     """Optimise all K sliders together (or the share `sliders` of them); resumes from `checkpoint`
     when it was written for `key`.
 
-    Returns the loss of every step run by this call (of the share: the K-slider loss is the sum
-    over the shares).
+    Returns the loss of every step of the training, the steps before a resume included (read
+    back from the checkpoint; of the share: the K-slider loss is the sum over the shares).
     """
     every = checkpoint_every or CHECKPOINT_EVERY
+    last_save = time.monotonic()
     opt = torch.optim.AdamW(bank.parameters(), lr=settings.lr, weight_decay=0.0)
-    first = load_checkpoint(checkpoint, bank, opt, key) if checkpoint is not None else 0
     losses: list[float] = []
+    first = load_checkpoint(checkpoint, bank, opt, key, losses) if checkpoint is not None else 0
     if progress:
         progress(first, settings.steps)
     for step in range(first, settings.steps):
@@ -298,8 +317,10 @@ def train(model, bank: SliderBank, encoder, pairs: PairSource, cond: Conditionin
         loss = train_step(model, bank, encoder, pairs, cond, guidance, directions, settings, step, sliders=sliders)
         opt.step()
         losses.append(float(loss))
-        if checkpoint is not None and ((step + 1) % every == 0) and step + 1 < settings.steps:
-            save_checkpoint(checkpoint, bank, opt, step + 1, key)
+        due = (step + 1) % every == 0 or time.monotonic() - last_save >= CHECKPOINT_EVERY_S
+        if checkpoint is not None and due and step + 1 < settings.steps:
+            last_save = time.monotonic()
+            save_checkpoint(checkpoint, bank, opt, step + 1, key, losses if len(losses) == step + 1 else None)
         if progress:
             recent = losses[-10:]
             progress(step + 1, settings.steps, loss=sum(recent) / len(recent))

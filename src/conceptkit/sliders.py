@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from conceptkit import store
-from conceptkit.errors import UsageError
+from conceptkit import capacity, store
+from conceptkit.errors import DamagedArtifactError, UsageError
 from conceptkit.slider_lora import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
 from conceptkit.slider_train import (
     PairSource,
@@ -160,8 +161,14 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
     with guard:
         # 0. a set of that name: the same settings are done; others need --overwrite
         if art.exists():
-            m = art.manifest()
+            try:
+                m = art.manifest()
+            except DamagedArtifactError:
+                if not cfg.overwrite:
+                    raise  # names the set's path and the command that clears it
+                m = {}  # --overwrite replaces a damaged set like any other
             if m.get("settings_key") == key:
+                _drop_finished_work(art, key, rank)
                 return from_manifest(art.path, m, cached=True, seconds=time.perf_counter() - started)
             if not cfg.overwrite:
                 raise UsageError(f"slider set {name!r} exists with other settings; pass --overwrite to replace it "
@@ -169,9 +176,9 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         work = art.path.parent / f".work-{name}"
         state = work / "state.json"
         if rank == 0:
-            if work.exists() and (not state.exists() or store.read_json(state).get("key") != key):
+            if work.exists() and _state_key(state) != key:
                 shutil.rmtree(work, ignore_errors=True)  # a work folder from other settings: start clean
-            for stale in art.path.parent.glob(f".tmp-{name}-*"):  # left by a run killed while writing
+            for stale in _temporary_sets(art):  # left by a run of this set killed while writing
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier(world)
         encoder = load_encoder(encoder_spec, model.spec, model.device)  # a missing encoder fails before any work
@@ -179,6 +186,8 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         say("harvesting")
         hcfg = harvest.HarvestConfig(prompts=(cfg.prompt,), samples=cfg.samples, steps=cfg.steps,
                                      guidance=cfg.guidance, seed=cfg.seed, record=("x0", "xt"))
+        # the PCA holds every recorded step of every trajectory in float32: refuse before sampling if it cannot
+        capacity.check_memory(2 * capacity.harvest_bytes(model, hcfg.resolved(model), cfg.samples), "the harvest for the PCA")
         hres = harvest.run(model, hcfg, on_wait=on_wait)
         h = harvest.load(hres.path, samples=cfg.samples)
         guidance = float(hres.manifest["settings"]["guidance"])
@@ -240,15 +249,35 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             bank.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
+            if rank == 0 and work.is_dir() and not any(work.glob("checkpoint*.safetensors")):
+                shutil.rmtree(work, ignore_errors=True)  # nothing to resume from (a full disk, an early failure)
         if rank == 0:
-            if art.path.exists():
-                old = art.path.with_name(f".old-{name}-{os.getpid()}")
-                os.replace(art.path, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, art.path)
+            store.publish(tmp, art.path)
             shutil.rmtree(work, ignore_errors=True)
         _barrier(world)
         return from_manifest(art.path, art.manifest(), seconds=time.perf_counter() - started)
+
+
+def _temporary_sets(art: store.Artifact) -> list[Path]:
+    """The `.tmp-NAME-PID` folders of this set only (not of a set whose name merely starts with NAME)."""
+    pattern = re.compile(rf"^\.tmp-{re.escape(art.key)}-\d+$")
+    return [p for p in art.path.parent.iterdir() if pattern.match(p.name)]
+
+
+def _drop_finished_work(art: store.Artifact, key: str, rank: int) -> None:
+    """Remove the work folder (checkpoint, state) of a set already written with these settings."""
+    work = art.path.parent / f".work-{art.key}"
+    if rank == 0 and work.is_dir() and _state_key(work / "state.json") in (key, None):
+        shutil.rmtree(work, ignore_errors=True)  # None: an unreadable state belongs to no resumable run
+
+
+def _state_key(state: Path) -> str | None:
+    """The settings key a work folder's state.json names; None if it is missing or malformed."""
+    try:
+        doc = store.read_json(state)
+    except (FileNotFoundError, store.StoreError):
+        return None
+    return doc.get("key") if isinstance(doc, dict) and isinstance(doc.get("key"), str) else None
 
 
 def _checkpointing(model, bank, on: bool) -> None:

@@ -9,12 +9,15 @@ two processes from writing the same one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,13 +31,13 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit import __version__
-from conceptkit.errors import ArtifactNotFoundError, StoreError, UsageError
+from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError, StoreError, UsageError
+from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest
 
 APP = "conceptkit"
 MANIFEST = "manifest.json"
 # Which root each kind lives under: recomputable caches versus user data worth keeping.
 KINDS = {"harvest": "cache", "cluster": "cache", "evaluate": "cache", "sliders": "data", "neurons": "cache"}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def roots() -> dict[str, Path]:
@@ -88,20 +91,41 @@ def _ensure_dir(path: Path) -> None:
         raise StoreError(f"{path} is not writable; set CONCEPTKIT_HOME to a writable folder")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, else removed.
+
+    The file gets the mode a plain write would (0666 less the umask), not mkstemp's 0600.
+    """
     _ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # after the write: some writers replace the file
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            # a full disk or a lost mount: one line naming the file, not a traceback
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 
@@ -127,6 +151,12 @@ def read_json(path: Path) -> Any:
 
 # ---------------------------------------------------------------- artifacts
 
+TMP_RE = re.compile(r"^\..+\.tmp$")  # what `atomic_path` leaves when a process dies mid-write
+
+
+def clear_hint(kind: str, key: str) -> str:
+    return f"remove it with `conceptkit cache clear {key} --kind {kind}`"
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -143,37 +173,116 @@ class Artifact:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def damaged(self, problem: str) -> DamagedArtifactError:
+        """The error for this artifact being unusable: what is wrong, where, and how to clear it."""
+        return DamagedArtifactError(f"damaged {self.kind} artifact {self.path}: {problem}; {clear_hint(self.kind, self.key)}",
+                                    problem=problem, path=self.path, kind=self.kind, key=self.key)
+
     def manifest(self) -> dict[str, Any]:
+        """The manifest, checked against its kind's schema (`DamagedArtifactError` if it fails)."""
         try:
-            return read_json(self.manifest_path)
+            data = json.loads(self.manifest_path.read_text())
         except FileNotFoundError as exc:
             raise ArtifactNotFoundError(f"no {self.kind} artifact {self.key!r} in {self.path.parent}") from exc
+        except (OSError, ValueError) as exc:
+            raise self.damaged(f"{MANIFEST} is not readable JSON ({exc})") from exc
+        problems = check_manifest(self.kind, data)
+        if problems:
+            raise self.damaged(f"{MANIFEST} {problems[0]}")
+        return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest = {"kind": self.kind, "key": self.key, "conceptkit_version": __version__, **manifest}
+        manifest = {"kind": self.kind, "key": self.key, "conceptkit_version": __version__, **manifest,
+                    "schema": SCHEMA_VERSION}
+        problems = check_manifest(self.kind, json.loads(json.dumps(manifest, default=str)))
+        if problems:  # the writer and the readers share one schema
+            raise StoreError(f"refusing to write an invalid {self.kind} manifest to {self.path}: {problems[0]}")
         write_json(self.manifest_path, manifest)
+
+    def file(self, name: str, what: str = "file") -> Path:
+        """`name` inside this artifact, refused if it is not a plain name or resolves outside the folder."""
+        return inside(self.path, name, f"{self.kind} {self.key} {what}")
+
+    @property
+    def _holder_path(self) -> Path:
+        return self.path.parent / f".{self.key}.holder"
+
+    def holder(self) -> str:
+        """Who holds this artifact's lock, as the holder wrote it (or 'another conceptkit process')."""
+        try:
+            h = json.loads(self._holder_path.read_text())
+            return f"process {int(h['pid'])} ({str(h['command'])[:80]}, since {time.strftime('%H:%M:%S', time.localtime(float(h['since'])))})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another conceptkit process"
 
     @contextmanager
     def lock(self, timeout: float = -1, on_wait=None) -> Iterator[None]:
-        """Hold this artifact's lock; two processes never write one artifact at once."""
+        """Hold this artifact's lock; two processes never write one artifact at once.
+
+        The holder leaves its pid and command beside the lock, so a waiter can say whom it waits
+        for. Once held, temporary files a killed writer left in the folder are removed, and an
+        artifact folder left empty (a failed first write) is removed on release.
+        """
         _ensure_dir(self.path.parent)
         lock = filelock.FileLock(str(self.path.parent / f".{self.key}.lock"))
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
             if on_wait is not None:
-                on_wait(f"another conceptkit process is writing {self.kind} {self.key}; waiting for it")
+                on_wait(f"{self.kind} {self.key} is locked by {self.holder()}; waiting for it")
             try:
                 lock.acquire(timeout=timeout)
             except filelock.Timeout as exc:
-                raise StoreError(f"{self.kind} {self.key} is locked by another process") from exc
+                raise StoreError(f"{self.kind} {self.key} is locked by {self.holder()}") from exc
         try:
+            command = " ".join(["conceptkit", *sys.argv[1:3]]) if sys.argv else "conceptkit"
+            with contextlib.suppress(OSError):  # advisory only: a full disk must not stop the work here
+                self._holder_path.write_text(json.dumps({"pid": os.getpid(), "command": command, "since": time.time()}))
+            self.sweep_temporary()
             yield
         finally:
+            self._holder_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
+                    self.path.rmdir()
             lock.release()
 
+    def sweep_temporary(self) -> int:
+        """Remove the temporary files of interrupted writes (call with the lock held); bytes freed."""
+        freed = 0
+        if self.path.is_dir() and not self.path.is_symlink():
+            for f in self.path.iterdir():
+                if TMP_RE.match(f.name) and f.is_file() and not f.is_symlink():
+                    freed += f.lstat().st_size
+                    f.unlink(missing_ok=True)
+        return freed
+
+    def temporary_files(self) -> list[Path]:
+        if not self.path.is_dir() or self.path.is_symlink():
+            return []
+        return [f for f in self.path.iterdir() if TMP_RE.match(f.name) and f.is_file() and not f.is_symlink()]
+
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes of the files in the folder; links count as links, never as what they point to."""
+        if self.path.is_symlink() or not self.path.is_dir():
+            return 0
+        total = 0
+        for root, dirs, files in os.walk(self.path):  # os.walk never descends into linked folders
+            for f in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, f)).st_size
+        return total
+
+
+def inside(folder: Path, name: str, what: str = "file") -> Path:
+    """`folder / name` for a plain file name; refused (`UsageError`) if `name` holds a folder part
+    or the path resolves (through links) outside `folder`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise UsageError(f"{what} {name!r} is not a plain file name; refusing to use it")
+    path = Path(folder) / name
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise UsageError(f"{what} {name!r} resolves outside {folder}; refusing to use it")
+    return path
 
 
 def artifact(kind: str, key: str) -> Artifact:
@@ -196,67 +305,37 @@ def find(kind: str, key_or_prefix: str) -> Artifact:
     raise ArtifactNotFoundError(f"no {kind} artifact {key_or_prefix!r}; see `conceptkit cache list`")
 
 
-# ---------------------------------------------------------------- list and clear
+def heal(art: Artifact, say=None) -> bool:
+    """A damaged cache artifact is removed so that it is computed again (saying so in one line);
+    True if it was. Slider sets are user data: a damaged one raises instead, naming the fix."""
+    if not art.exists():
+        return False
+    try:
+        art.manifest()
+        return False
+    except DamagedArtifactError as exc:
+        if KINDS[art.kind] != "cache":
+            raise
+        if say is not None:
+            say(f"damaged {art.kind} artifact {art.path}: {exc.problem}; recomputing it")
+        remove_tree(art.path)
+        return True
 
 
-@dataclass(frozen=True)
-class ArtifactInfo:
-    kind: str
-    key: str
-    path: str
-    prompt: str
-    model: str
-    size: int
-    created: float
-    complete: bool
-
-    @property
-    def age_seconds(self) -> float:
-        return max(0.0, time.time() - self.created)
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished temporary folder into place as `dest`, replacing what was there: readers see
+    the old artifact or the new one, never a half-written mix."""
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        os.replace(dest, old)
+        remove_tree(old)
+    os.replace(tmp, dest)
 
 
-def list_artifacts(kind: str | None = None) -> list[ArtifactInfo]:
-    infos = []
-    for k in [kind] if kind else list(KINDS):
-        base = kind_dir(k)
-        if not base.is_dir():
-            continue
-        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            art = Artifact(k, folder.name, folder)
-            try:
-                m = art.manifest()
-            except (ArtifactNotFoundError, StoreError):
-                m = {}
-            prompts = m.get("prompts") or [m.get("prompt", "")]
-            infos.append(
-                ArtifactInfo(
-                    kind=k,
-                    key=folder.name,
-                    path=str(folder),
-                    prompt=str(prompts[0]) + (f" (+{len(prompts) - 1})" if len(prompts) > 1 else ""),
-                    model=str((m.get("model") or {}).get("spec", "")),
-                    size=art.size(),
-                    created=float(m.get("created", folder.stat().st_mtime)),
-                    complete=bool(m.get("complete", False)),
-                )
-            )
-    return infos
-
-
-def clear(kind: str | None = None, key: str | None = None) -> list[ArtifactInfo]:
-    """Remove one artifact (kind and key), every artifact of a kind, or everything; returns what went."""
-    if key is not None:
-        kinds = [kind] if kind else [k for k in KINDS if (kind_dir(k) / key).is_dir()]
-        targets = [i for k in kinds for i in list_artifacts(k) if i.key == key]
-        if not targets:
-            raise ArtifactNotFoundError(f"no artifact {key!r}; see `conceptkit cache list`")
-    else:
-        targets = list_artifacts(kind)
-    for info in targets:
-        art = Artifact(info.kind, info.key, Path(info.path))
-        with art.lock():
-            # rename first so a reader never sees a half-deleted artifact
-            doomed = art.path.with_name(f".deleting-{art.key}-{os.getpid()}")
-            os.replace(art.path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-    return targets
+def remove_tree(path: Path) -> None:
+    """Remove an artifact folder; a link (the folder itself or anything inside) goes, never its target."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks links inside and never follows them

@@ -158,8 +158,8 @@ def parse_spec(text: str) -> SubconceptSpec:
             scale = float(m["scale"])
         except ValueError:
             raise UsageError(f"--subconcept {text!r}: SCALE must be a number (got {m['scale']!r})") from None
-        if not np.isfinite(scale):
-            raise UsageError(f"--subconcept {text!r}: SCALE must be finite")
+        if not np.isfinite(scale) or abs(scale) > 100:
+            raise UsageError(f"--subconcept {text!r}: SCALE must be a finite number between -100 and 100")
     elif m["scale"] is not None:
         raise UsageError(f"--subconcept {text!r}: SCALE applies to mode scale only")
     else:

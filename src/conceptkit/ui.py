@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -13,20 +15,41 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
+
+def _console() -> Console:
+    """stderr; off a terminal (a log file, CI, a pipe) wide enough that tables are not cut to 80 columns."""
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=max(int(os.environ.get("COLUMNS", 0) or 0), 200))
+    return console
+
+
+err = _console()
 
 
 def info(message: str) -> None:
-    err.print(message)
+    """One line of chatter, as is: no markup read from it (paths and names may hold brackets), no wrapping."""
+    err.print(message, markup=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
 
+def finite_json(data: Any) -> Any:
+    """The same data with NaN and infinities as null: strict JSON that every reader accepts."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """One JSON document on stdout, nothing else there."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """One JSON document on stdout, nothing else there (strict JSON: no NaN)."""
+    sys.stdout.write(json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -48,7 +71,7 @@ def human_age(seconds: float) -> str:
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")  # wrap long keys and paths, never cut them
     for r in rows:
         t.add_row(*[str(v) for v in r])
     err.print(t)
@@ -76,6 +99,10 @@ def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterat
     if not enabled:
         yield lambda done, total, **fields: None
         return
+    if not err.is_terminal:
+        with _progress_lines(description, unit) as update:
+            yield update
+        return
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -92,7 +119,7 @@ def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterat
 
     def update(done: int, total: int, **fields) -> None:
         nonlocal task
-        extra = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        extra = _fields_text(fields)
         if task is None:
             task = bar.add_task(description, total=total, completed=done, first=done, extra=extra)
         else:
@@ -100,6 +127,38 @@ def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterat
 
     with bar:
         yield update
+
+
+def _fields_text(fields: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+@contextmanager
+def _progress_lines(description: str, unit: str, every_s: float = 5.0) -> Iterator:
+    """Off a terminal: one plain progress line every few seconds (and at the end), not one bar at the end."""
+    start = time.perf_counter()
+    state = {"first": None, "last": -math.inf, "line": None}
+
+    def line(done: int, total: int, fields: dict) -> str:
+        elapsed = time.perf_counter() - start
+        new = done - state["first"]
+        rate = new / elapsed if elapsed > 0 else 0.0
+        eta = f"  eta {human_age((total - done) / rate)}" if 0 < rate and done < total else ""
+        extra = f"  {_fields_text(fields)}" if fields else ""
+        return f"{description} {done}/{total}  {rate:.2f} {unit}/s  elapsed {human_age(elapsed)}{eta}{extra}"
+
+    def update(done: int, total: int, **fields) -> None:
+        if state["first"] is None:
+            state["first"] = done
+        state["line"] = line(done, total, fields)
+        now = time.perf_counter()
+        if now - state["last"] >= every_s or done >= total:
+            err.print(state["line"], markup=False)
+            state["last"] = now if done < total else math.inf  # the final line once
+
+    yield update
+    if state["line"] is not None and state["last"] != math.inf:
+        err.print(state["line"], markup=False)
 
 
 class Timer:

@@ -115,39 +115,42 @@ def cluster(
     with ui.progress("neurons", unit="steps", enabled=bar_on) as bar:
         neurons = concept_neurons.run(loaded, harvest_path, ncfg, progress=bar, on_wait=ui.info)
     stats = neurons.stats
-    # 3. cluster, save arrays and figures
+    # 3. cluster and sweep (sweep plots go to --plots, outside the artifact)
     res = picasso.cluster(stats, ccfg)
-    key, folder, arrays = picasso.save(stats, res, on_wait=ui.info)
-    images = {
-        "centre_maps": picasso_plots.centre_maps(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={k}"),
-        "segmentation": picasso_plots.segmentation(folder / "segmentation.png", res.segmentation, k,
-                                                   references=_reference_images(loaded, harvest_path)),
-        "similarity": picasso_plots.similarity(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
-                                               res.similarity.cluster_jaccard, [int(t) for t in stats.timesteps]),
-    }
-    # 4. sweeps
-    sweep_out = {}
+    sweep_out, sweep_images = {}, {}
     for name, values in sweeps.items():
         with ui.progress(f"sweep {name}", unit="fits", enabled=bar_on) as bar:
             points = picasso.sweep(stats, ccfg, name, values, progress=bar)
         sweep_out[name] = [{"value": p.value, "n_neurons_kept": p.n_kept, "metrics": picasso.scores_dict(p.scores, p.seconds),
                             **({"error": p.error} if p.error else {})} for p in points]
         if plots is not None:
-            images[f"sweep_{name}"] = picasso_plots.sweep(plots / f"sweep-{name}.png", name, points)
-    # 5. report
-    rows = picasso.cluster_rows(stats, res)
-    doc = {
-        "key": key, "path": str(folder), "harvest": harvest_path.name, "neurons": neurons.key, "model": loaded.spec,
-        "prompts": stats.manifest["prompts"], "concept_tokens": stats.manifest["concept_tokens"], "importance": importance,
-        "tau": tau, "tau_mode": tau_mode, "k": k, "temporal_dim": temporal_dim, "pca_dim": int(res.features.shape[1]),
-        "fuzziness": fuzziness, "seed": seed, "timesteps": [int(t) for t in stats.timesteps], "n_neurons": stats.n_neurons,
-        "n_neurons_kept": len(res.selection.neuron), "metrics": picasso.scores_dict(res.scores, res.clustering.seconds),
-        "fcm_iterations": res.clustering.n_iter, "clusters": rows, "arrays": arrays, "images": images,
-        "sweeps": sweep_out, "neurons_bytes_per_step": stats.manifest.get("bytes_per_step"),
-        **({"embedding": {"path": str(embedding), "token": token}} if embedding is not None else {}),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    picasso.write_manifest(folder, doc)
+            sweep_images[f"sweep_{name}"] = picasso_plots.sweep(plots / f"sweep-{name}.png", name, points)
+
+    def figures(folder: Path) -> dict[str, str]:
+        return {
+            "centre_maps": picasso_plots.centre_maps(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={k}"),
+            "segmentation": picasso_plots.segmentation(folder / "segmentation.png", res.segmentation, k,
+                                                       references=_reference_images(loaded, harvest_path)),
+            "similarity": picasso_plots.similarity(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
+                                                   res.similarity.cluster_jaccard, [int(t) for t in stats.timesteps]),
+        }
+
+    def describe(key: str, folder: Path, arrays: dict, images: dict) -> dict:
+        return {
+            "key": key, "path": str(folder), "harvest": harvest_path.name, "neurons": neurons.key, "model": loaded.spec,
+            "prompts": stats.manifest["prompts"], "concept_tokens": stats.manifest["concept_tokens"], "importance": importance,
+            "tau": tau, "tau_mode": tau_mode, "k": k, "temporal_dim": temporal_dim, "pca_dim": int(res.features.shape[1]),
+            "fuzziness": fuzziness, "seed": seed, "timesteps": [int(t) for t in stats.timesteps], "n_neurons": stats.n_neurons,
+            "n_neurons_kept": len(res.selection.neuron), "metrics": picasso.scores_dict(res.scores, res.clustering.seconds),
+            "fcm_iterations": res.clustering.n_iter, "clusters": picasso.cluster_rows(stats, res), "arrays": arrays,
+            "images": {**images, **sweep_images}, "sweeps": sweep_out, "neurons_bytes_per_step": stats.manifest.get("bytes_per_step"),
+            **({"embedding": {"path": str(embedding), "token": token}} if embedding is not None else {}),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    # 4. arrays, figures and manifest: one artifact, written whole
+    key, folder, arrays, images = picasso.save(stats, res, on_wait=ui.info, figures=figures, describe=describe)
+    doc = {**describe(key, folder, arrays, images), "seconds": round(time.perf_counter() - started, 3)}
     if json_out:
         ui.print_json(doc)
         return
@@ -171,3 +174,5 @@ def _render(doc: dict) -> None:
                  [(_fmt(p["value"]), p["n_neurons_kept"], *(_fmt(p["metrics"][x]) for x in ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc")),
                    p.get("error") or f"{p['metrics']['seconds']:.3f}") for p in points])
     ui.info(f"key {doc['key']}  {doc['path']}")
+    for name, path in doc["images"].items():
+        ui.info(f"{name.replace('_', ' ')}: {path}")

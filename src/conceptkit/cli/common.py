@@ -4,15 +4,62 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.29 and newer carry their own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from conceptkit import ui
+from conceptkit.cli import limits
 from conceptkit.errors import ConceptkitError
 
+
+def _plain_flags(command) -> None:
+    """Show flags as flags in help (`--json`, not `--json <bool>`), in every command."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
+class OneLineGroup(TyperGroup):
+    """The top-level command: usage errors as one line and exit 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _plain_flags(self)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click_errors.NoArgsIsHelpError as exc:  # `conceptkit` or `conceptkit cache` alone: the help
+            typer.echo(exc.ctx.get_help(), err=True)
+            code = 2
+        except click_errors.UsageError as exc:  # unknown option, bad type, missing argument
+            where = f"; see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+            ui.error(f"{exc.format_message().rstrip('.')}{where}")
+            code = 2
+        except click_errors.ClickException as exc:
+            ui.error(exc.format_message())
+            code = exc.exit_code
+        except click_errors.Abort:
+            ui.error("interrupted")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
 app = typer.Typer(
+    cls=OneLineGroup,
     name="conceptkit",
     help="Take a text-to-image diffusion model apart and see what it knows about a concept.",
     no_args_is_help=True,
@@ -31,7 +78,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id in the local cache, diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
         show_default=False,
     ),
 ]
@@ -39,7 +86,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option(help="Diffusers config folder (or cached hub id) for a single-file .safetensors model.", show_default=False),
+    typer.Option(help="Diffusers config folder (or hub id) for a single-file .safetensors model.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -49,31 +96,51 @@ def model_spec(model: str | None) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (deprecations, optional-backend notes) off the user's stderr."""
+    """Keep library chatter (deprecations, optional-backend notes) off the user's stderr.
+
+    Only environment variables, read when the libraries are first imported: importing diffusers
+    and transformers here would cost light commands (`cache path`) seconds.
+    """
     import warnings
 
     if _state["verbose"]:
         return
     warnings.filterwarnings("ignore")
+    # Read when each library is imported; one already imported is told directly. Importing them here
+    # would cost seconds on commands that fail before loading a model (an offline, missing model).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
+    for name in ("transformers", "diffusers"):  # already imported (tests, a library user): set it directly
+        module = sys.modules.get(name)
+        if module is not None:
+            module.logging.set_verbosity_error()
 
-        transformers.logging.set_verbosity_error()
-        diffusers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+
+def _terminate_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM (a `kill`, a job scheduler, a container stop) stops a command as Ctrl-C does: finished
+    work is kept, temporary files are removed, exit 130. Only in the main thread, where signals land."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
 
 
 def command(fn):
-    """Turn domain errors into one line and an exit code; never a traceback unless --verbose."""
+    """Check numeric options against cli/limits.py, then turn domain errors into one line and an
+    exit code; never a traceback unless --verbose."""
+    name = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__.rstrip('_')}"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_libraries()
+        _handle_sigterm()
         try:
+            limits.check(name, kwargs)
+            limits.check_outputs(kwargs)
             return fn(*args, **kwargs)
         except ConceptkitError as exc:
             if _state["verbose"]:
@@ -94,24 +161,47 @@ def command(fn):
     return wrapper
 
 
-def load(model: str | None, device: str, dtype: str, config: Path | None):
-    from conceptkit.models import load_model
+def load(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
+    """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
+
+    Args:
+        encoders: `--encoder` specs the run will load after the model (`auto` resolves against the model).
+    """
+    import torch
+
+    from conceptkit import features, hub
+    from conceptkit.models import hub_needs, load_model, resolve_device, resolve_dtype
 
     spec = model_spec(model)
+    half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
+    needs = hub_needs(spec, config, prefer_fp16=half)
+    for encoder in encoders:
+        needs += features.hub_needs(encoder or "auto", spec)
+    # one unwrapped line per repository to download, then huggingface_hub's progress bars
+    hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):
         return load_model(spec, device=device, dtype=dtype, config=config)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from conceptkit import __version__
+
+        print(f"conceptkit {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks and library logs.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Download nothing: use the local Hugging Face cache only (as HF_HUB_OFFLINE=1 does).")] = False,
 ) -> None:
-    _state["verbose"] = verbose
-    if version:
-        from conceptkit import __version__
+    from conceptkit import hub
 
-        print(__version__)
-        raise typer.Exit(0)
+    _state["verbose"] = verbose
+    hub.set_offline(offline)
 
 

@@ -10,6 +10,7 @@ import typer
 
 from conceptkit import ui
 from conceptkit.cli.common import DeviceOpt, JsonOpt, ModelOpt, app, command, load
+from conceptkit.errors import UsageError
 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Measure slider sets, clusterings and image folders: diversity, CLIP score, "
                                                       "Fréchet distance, cluster scores; tables, --json and --report DIR.")
@@ -58,8 +59,13 @@ def _set_table(title: str, rows) -> None:
 @evaluate_app.command("sliders")
 @command
 def sliders(
-    name: Annotated[str, typer.Argument(help="Slider set name (see `conceptkit sliders list`).", show_default=False)],
+    name: Annotated[str, typer.Argument(help="Slider set name (see `conceptkit sliders list`), or a kohya/peft LoRA .safetensors file (one slider).", show_default=False)],
     model: ModelOpt = None,
+    prompt: Annotated[Optional[str], typer.Option(help="For a LoRA file: the concept it slides, e.g. 'a person'. Default: the --like set's.", show_default=False)] = None,
+    like: Annotated[Optional[str], typer.Option(help="For a LoRA file: take prompt, steps, guidance, encoder and model from this slider set, so both are drawn on the same seeds.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="For a LoRA file: denoising steps. Default: the --like set's, else the model's.", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="For a LoRA file: guidance scale. Default: the --like set's, else the model's.", show_default=False)] = None,
+    start: Annotated[Optional[float], typer.Option(help="For a LoRA file: it acts from this fraction of the steps on. Default: 0 (from the first step, as plain loaders apply it).", show_default=False)] = None,
     count: Annotated[int, typer.Option("--count", "-n", help="Images per side: N base images and N with random sliders.")] = 64,
     per_image: Annotated[int, typer.Option(help="Sliders in each image's random combination.")] = 3,
     scale: Annotated[float, typer.Option(help="Random strengths are uniform in [-scale, scale].")] = 2.0,
@@ -78,11 +84,22 @@ def sliders(
     from conceptkit.evaluate_sliders import SliderEvalConfig, run
     from conceptkit.slider_sets import load_set
 
+    from conceptkit.lora_eval import is_lora_file, lora_file_set, precheck, settings_for
+
     cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
                            effect_strength=effect_strength, factor_seeds=factor_seeds, seed=seed, encoder=encoder,
                            batch_size=batch_size)
-    sset = load_set(name)
-    loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None)
+    if is_lora_file(name):
+        precheck(name, prompt, like, start)
+        like_set = load_set(like) if like is not None else None
+        loaded = load(model or (like_set.manifest["model"]["spec"] if like_set else None), device, "auto", None,
+                      encoders=[encoder or (like_set.manifest["encoder"] if like_set else "auto")])
+        sset = lora_file_set(loaded, name, settings_for(loaded, like_set, prompt, steps, guidance, start))
+    else:
+        if any(v is not None for v in (prompt, like, steps, guidance, start)):
+            raise UsageError("--prompt, --like, --steps, --guidance and --start apply to a LoRA file; a set has its own")
+        sset = load_set(name)
+        loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None, encoders=[encoder or sset.manifest["encoder"]])
     with ui.progress("evaluate sliders", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         def progress(stage, done, total):
             bar(done, total, stage=stage)
@@ -189,7 +206,7 @@ def cluster(
 
     cfg = ClusterEvalConfig(per_subconcept=count, mode=mode, scale=scale, seed=seed, encoder=encoder, steps=steps,
                             guidance=guidance, batch_size=batch_size)
-    loaded = load(model or model_spec(key), device, "auto", None)
+    loaded = load(model or model_spec(key), device, "auto", None, encoders=[encoder or "auto"])
     with ui.progress("evaluate cluster", unit="sub-concepts", enabled=not json_out or sys.stderr.isatty()) as bar:
         doc = run(loaded, key, cfg, progress=lambda stage, done, total: bar(done, total, stage=stage), on_wait=ui.info)
     _finish(doc, report, json_out, _render_cluster)

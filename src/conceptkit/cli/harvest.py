@@ -23,20 +23,13 @@ from conceptkit.errors import UsageError
 
 
 def _read_prompts(prompt: str | None, prompts_file: Path | None, templates: bool) -> tuple[str, ...]:
-    from conceptkit.prompts import expand_templates
+    from conceptkit.prompts import expand_templates, read_prompts_file
 
     prompts: list[str] = []
     if prompt is not None:
         prompts.append(prompt)
     if prompts_file is not None:
-        try:
-            text = prompts_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read prompts file {prompts_file}: {getattr(exc, 'strerror', None) or exc}") from exc
-        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        if not lines:
-            raise UsageError(f"prompts file {prompts_file} has no prompts")
-        prompts.extend(lines)
+        prompts.extend(read_prompts_file(prompts_file))
     if not prompts:
         raise UsageError("give a PROMPT or --prompts-file")
     if any(not p.strip() for p in prompts):

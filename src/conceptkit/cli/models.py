@@ -21,4 +21,4 @@ def models(json_out: JsonOpt = False) -> None:
     ui.table("built-in models", ["name", "arch", "what it is for"], [(m.name, m.arch, m.description) for m in items])
     ui.table("the toy world: factors (prompts may name any subset)", ["factor", "values"], [(k, ", ".join(v)) for k, v in toy["factors"].items()])
     ui.info(f"toy prompts, e.g.: {'; '.join(repr(c) for c in toy['caption_examples'])}")
-    ui.info("Also accepted: a Hugging Face id in the local cache, a diffusers folder, or a .safetensors file (with --config).")
+    ui.info("Also accepted: a Hugging Face id (downloaded into the Hugging Face cache on first use), a diffusers folder, or a .safetensors file.")
