@@ -176,6 +176,7 @@ def test_images_bad_input_is_one_line_exit_2(folders, tmp_path):
         (["evaluate", "images", str(a), str(tmp_path / "empty")], "no PNG or JPG"),
         (["evaluate", "sliders", "no-such-set"], "no slider set"),
         (["evaluate", "sliders", "../etc"], "invalid"),
+        (["evaluate", "sliders", "no-such-set", "--factor-seeds", "1"], "--factor-seeds"),
         (["evaluate", "cluster", "ffffffff"], "no cluster"),
     ]
     for args, fragment in cases:
