@@ -3,7 +3,8 @@
 Usage:
   python bench/sliders.py time    [--model toy] [--count 8]          # `conceptkit sliders "a shape" --count 8`, defaults
   python bench/sliders.py ratio   [--model toy] [--count 8] [--pairs 4] [--repeat 3]
-  python bench/sliders.py factors --set a-shape [--seeds 32] [--strength 2] [--top 8]   # toy only: the toy analyser
+  python bench/sliders.py factors --set a-shape [--seeds 64] [--seed 0] [--strength 2] [--top 8] [--out DIR]   # toy only
+  python bench/sliders.py stages  --set a-shape [--images DIR/factors-a-shape-0-64.npz]   # toy only: bench/stages.py
 Add --json for one JSON document on stdout. `--model toy-arch` builds the toy's architecture from a
 toy training folder (`--toy-train toy-train`: its exported VAE and CLIP, a random UNet) for timings
 while the toy UNet is still training.
@@ -21,6 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+
+from conceptkit.toy.edits import EDITS  # the prompt-edit reference row
 
 PROMPT = "a shape"
 
@@ -138,73 +141,72 @@ def ratio(model, *, count: int, pairs: int, repeat: int, encoder: str = "pixel",
 
 
 def cmd_factors(a) -> dict:
-    """Generate seeds at -s and +s per slider (and per random rank-1 direction); read factors with the toy analyser."""
-    from conceptkit.evaluate_sliders import signed_images
-    from conceptkit.evaluation import to_uint8
+    """The toy's three-row factor table (sliders, random rank-1 directions, prompt edits) on the same seeds."""
+    import numpy as np
+
     from conceptkit.slider_sets import load_set
-    from conceptkit.toy import factors
+    from conceptkit.toy import slider_factors
 
     sset = load_set(a.set)
     model = load(sset.manifest["model"]["spec"] if a.model == "toy" else a.model, a.toy_train)
     top = list(sset.sliders[: a.top])
-    seeds = list(range(1000, 1000 + a.seeds))
-    results = {}
-    for kind in ("sliders", "random"):
-        log(f"  {kind}: {len(top)} sliders x {len(seeds)} seeds at -{a.strength:g} and +{a.strength:g}")
-        minus, plus = signed_images(model, sset, [s.index for s in top], seeds, a.strength, random_directions=kind == "random")
-        tab = factors.table([to_uint8(m) for m in minus], [to_uint8(p) for p in plus], [s.index for s in top], [s.label for s in top])
-        results[kind] = {"coverage": tab["coverage"], "n_covered": tab["n_covered"], "mean_purity": round(tab["mean_purity"], 3),
-                         "valid": round(tab["valid"], 3),
-                         "per_slider": [{"index": r["index"], "label": r["label"], "main": r["main"], "purity": round(r["purity"], 3),
-                                         "change": {f: round(c, 3) for f, c in r["change"].items()}} for r in tab["per_slider"]]}
-        if kind == "sliders":
-            results[kind]["labels_right"] = tab["labels_right"]
-    log(f"  prompt edits: {len(EDITS)} pairs x {len(seeds)} seeds from step {int(sset.manifest.get('start', 0.1) * 100)}%")
-    results["prompt_edits"] = prompt_edits(model, sset, seeds)
-    return {"what": "factors", "set": sset.name, "seeds": a.seeds, "strength": a.strength, **results}
+    seeds = list(range(a.seed, a.seed + a.seeds))
+    base_seeds = list(range(a.seed, a.seed + 2 * a.seeds))
+    log(f"  {len(top)} sliders and {len(top)} random directions x {len(seeds)} seeds at -{a.strength:g} and +{a.strength:g}, "
+        f"{len(EDITS)} prompt edits, {len(base_seeds)} base seeds for the noise floor")
+    images = slider_factors.draw(model, sset, [s.index for s in top], seeds, a.strength, base_seeds)
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(a.out / f"factors-{sset.name}-{a.seed}-{a.seeds}.npz", **images.arrays())
+    tab = slider_factors.table(images, [s.index for s in top], [s.label for s in top], seed=a.seed)
+    render_table(tab)
+    return {"what": "factors", "set": sset.name, "seeds": a.seeds, "seed": a.seed, "strength": a.strength,
+            "settings": sset.manifest["settings"], **tab}
 
 
-# The reference row: what naming a factor in the prompt does to the same seeds. Each pair swaps
-# "a shape" for two prompts that name two values of one factor, from the sliders' first step on,
-# and is read exactly like a slider at -s and +s: a perfect slider would look like this.
-EDITS = (("colour", "red", "blue"), ("shape", "circle", "square"), ("size", "small", "large"), ("horizontal", "left", "right"))
+def cmd_stages(a) -> dict:
+    """Where the set loses purity: PCA, training and images, each against its ceiling (bench/stages.py)."""
+    from bench import stages
+
+    return stages.run(a)
+
+
+def render_table(tab: dict) -> None:
+    """The three rows on stderr, each purity beside its effect size."""
+    log(f"  noise floor (TV between two {tab['seeds']}-seed halves of {tab['base_seeds']} base seeds): "
+        + ", ".join(f"{g} {v:.3f}" for g, v in tab["floor"].items()))
+    log("  row            | per-seed purity (change) | distribution purity (effect, above floor) | strong | consistency | covered | labels")
+    for name, row in tab["rows"].items():
+        s = row["summary"]
+        dp = "-" if s["distribution_purity"] is None else f"{s['distribution_purity']:.3f}"
+        log(f"  {name:<14} | {s['per_seed_purity']:.3f} ({s['per_seed_change']:.2f})           | {dp} ({s['main_effect']:.3f}, "
+            f"{s['n_above_floor']}/{s['count']})                   | {s['n_strong']}/{s['count']}    | {s['consistency']:.3f}       | "
+            f"{s['coverage']}/4     | {s['labels_right']}/{s['count']}")
+    for name, row in tab["rows"].items():
+        for r, p in zip(row["distribution"]["per_slider"], row["per_seed"]["per_slider"]):
+            dp = "-" if r["distribution_purity"] is None else f"{r['distribution_purity']:.2f}"
+            log(f"    {name:<12} {r['label']:<14} main {str(r['main']):<10} purity {dp:>4} effect {r['main_effect']:.2f} "
+                f"toward {r['toward']:.2f} ({r['plus_value']}) | TV " + " ".join(f"{g[:3]} {v if v is None else round(v, 2)}" for g, v in r["tv"].items())
+                + f" | per-seed {p['main']} {p['purity']:.2f}")
 
 
 def prompt_edits(model, sset, seeds: list[int]) -> dict:
-    """The factor table of the prompt-edit pairs in `EDITS` (same seeds, steps, guidance and window as the set)."""
+    """The per-seed factor table of the prompt-edit pairs in `EDITS` (same seeds, steps, guidance and window as the set)."""
     from conceptkit.evaluation import to_uint8
-    from conceptkit.slider_train import window_steps
     from conceptkit.toy import factors
-    from conceptkit.toy.world import prompt
+    from conceptkit.toy.edits import edit_images, edit_labels
 
-    pipe = model.pipe
-    steps, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
-    first = window_steps(steps, float(sset.manifest.get("start", 0.1)))
-    base, neg = pipe.encode_prompt([sset.prompt] * len(seeds), model.device, 1, True, None)
-
-    def draw(text: str) -> torch.Tensor:
-        edited = pipe.encode_prompt([text] * len(seeds), model.device, 1, False, None)[0]
-
-        def swap(_pipe, i, _t, kw):  # steps before `first` see the set's prompt, the rest the edited one
-            return {"prompt_embeds": torch.cat([neg, edited if i + 1 >= first else base])}
-
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(prompt_embeds=base if first > 0 else edited, negative_prompt_embeds=neg, generator=gens,
-                    num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
-
-    minus = [to_uint8(draw(prompt(**{f: lo}))) for f, lo, _ in EDITS]
-    plus = [to_uint8(draw(prompt(**{f: hi}))) for f, _, hi in EDITS]
-    tab = factors.table(minus, plus, list(range(len(EDITS))), [hi for _, _, hi in EDITS])
+    minus, plus = edit_images(model, sset, seeds)
+    tab = factors.table([to_uint8(m) for m in minus], [to_uint8(p) for p in plus], list(range(len(EDITS))), edit_labels())
     return {"coverage": tab["coverage"], "n_covered": tab["n_covered"], "mean_purity": round(tab["mean_purity"], 3),
             "valid": round(tab["valid"], 3), "labels_right": tab["labels_right"],
-            "per_slider": [{"index": r["index"], "label": f"{lo}/{hi}", "main": r["main"], "purity": round(r["purity"], 3),
-                            "change": {f: round(c, 3) for f, c in r["change"].items()}} for r, (_, lo, hi) in zip(tab["per_slider"], EDITS)]}
+            "per_slider": [{"index": r["index"], "label": r["label"], "main": r["main"], "purity": round(r["purity"], 3),
+                            "change": {f: round(c, 3) for f, c in r["change"].items()}} for r in tab["per_slider"]]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("time", "ratio", "factors"))
+    p.add_argument("what", choices=("time", "ratio", "factors", "stages"))
     p.add_argument("--model", default="toy")
     p.add_argument("--toy-train", type=Path, default=Path("toy-train"))
     p.add_argument("--encoder", default=None)
@@ -212,14 +214,23 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--set", default="a-shape")
-    p.add_argument("--seeds", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="first seed of the factor table (as `evaluate sliders --seed`)")
+    p.add_argument("--out", type=Path, default=None, help="factors: also write the images (.npz) to this folder")
     p.add_argument("--strength", type=float, default=2.0)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--scenes", type=int, default=4000, help="stages: rendered world scenes behind the factor subspaces")
+    p.add_argument("--images", type=Path, default=None, help="stages: a `factors --out` .npz (the image-shift stage)")
+    p.add_argument("--pca-samples", default="16,64", help="stages: harvest sizes of the PCA variants, comma-separated")
+    p.add_argument("--sweep", action="store_true", help="stages: also retrain the set with one training setting changed at a time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.seeds < 2 or a.top < 1 or not a.strength > 0 or a.scenes < 100:
+        p.error(f"--seeds must be at least 2, --top at least 1, --strength positive and --scenes at least 100 "
+                f"(got {a.seeds}, {a.top}, {a.strength}, {a.scenes})")
     torch.set_num_threads(a.threads)
-    doc = {"time": cmd_time, "ratio": cmd_ratio, "factors": cmd_factors}[a.what](a)
+    doc = {"time": cmd_time, "ratio": cmd_ratio, "factors": cmd_factors, "stages": cmd_stages}[a.what](a)
     if a.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -176,6 +176,7 @@ def test_images_bad_input_is_one_line_exit_2(folders, tmp_path):
         (["evaluate", "images", str(a), str(tmp_path / "empty")], "no PNG or JPG"),
         (["evaluate", "sliders", "no-such-set"], "no slider set"),
         (["evaluate", "sliders", "../etc"], "invalid"),
+        (["evaluate", "sliders", "no-such-set", "--factor-seeds", "1"], "--factor-seeds"),
         (["evaluate", "cluster", "ffffffff"], "no cluster"),
     ]
     for args, fragment in cases:
@@ -202,7 +203,7 @@ def _install(path: Path) -> None:
 
 def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path):
     _install(toy_set)
-    doc = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json",
+    doc = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--factor-seeds", "6", "--json",
                                     "--report", str(tmp_path / "rep")]))
     arr = _arrays(doc)
     k, n, e = 2, 8, 4
@@ -238,11 +239,14 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
     groups = {"colour": ("colour",), "shape": ("shape",), "size": ("size",), "position": ("horizontal", "vertical"),
               "background": ("background",)}
     assert f["factors"] == list(groups)
+    # the effect images are the first effect_count seeds of the factor table's slider images
+    assert arr["factor_slider_minus_images"].shape == (k, 6, 32, 32, 3)
+    assert (arr["factor_slider_minus_images"][:, :e] == arr["effect_minus_images"]).all()
     for j, row in enumerate(f["per_slider"]):
-        lo = [analyse(im) for im in arr["effect_minus_images"][j]]
-        hi = [analyse(im) for im in arr["effect_plus_images"][j]]
+        lo = [analyse(im) for im in arr["factor_slider_minus_images"][j]]
+        hi = [analyse(im) for im in arr["factor_slider_plus_images"][j]]
         pairs = [(x.factors, y.factors) for x, y in zip(lo, hi) if x.valid and y.valid]
-        assert row["valid"] == pytest.approx(len(pairs) / e)
+        assert row["valid"] == pytest.approx(len(pairs) / 6)
         change = [np.mean([any(x[q] != y[q] for q in keys) for x, y in pairs]) if pairs else 0.0 for keys in groups.values()]
         assert [row["change"][g] for g in groups] == pytest.approx(change)
         if max(change) >= 0.05:
@@ -250,6 +254,7 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
             assert row["purity"] == pytest.approx(max(change) / sum(change))
         else:
             assert row["main"] is None
+    check_factor_table(doc, arr, groups)
     # factor entropy of each set, from the analyser's readings of the saved images
     from conceptkit.toy import FACTORS
 
@@ -266,21 +271,86 @@ def test_sliders_numbers_are_recomputed_from_the_saved_arrays(toy_set, tmp_path)
     assert f"{doc['vendi_ratio']:.4g} [{doc['vendi_ratio_ci'][0]:.4g}, {doc['vendi_ratio_ci'][1]:.4g}]" in html
     assert "paired bootstrap" in html
     # cached: the same settings recompute nothing; other settings do
-    again = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json"]))
+    again = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--factor-seeds", "6", "--json"]))
     assert again["cached"] and again["key"] == doc["key"] and again["base"] == doc["base"]
     assert all(again[f] == doc[f] for f in CI_FIELDS)
     # a result cached before the intervals existed gets them from its saved arrays
     manifest = Path(doc["path"]) / "manifest.json"
     old = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({f: v for f, v in old.items() if f not in CI_FIELDS}))
-    older = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--json"]))
+    older = _json(runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--factor-seeds", "6", "--json"]))
     assert older["cached"] and all(older[f] == pytest.approx(doc[f], **TOL) for f in CI_FIELDS if doc[f] is not None)
-    r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4"])  # the table shows them
+    r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "8", "--effect-count", "4", "--factor-seeds", "6"])  # the table shows them
     lo, hi = doc["diversity_ratio_ci"]
     assert r.exit_code == 0 and f"[{lo:.4f}," in r.stderr and f"{hi:.4f}]" in r.stderr  # (rich wraps the cell at 80 columns)
     assert "higher diversity with sliders" in r.stderr
     r = runner.invoke(app, ["evaluate", "sliders", "a-shape", "--count", "1"])
     assert "--count" in _one_line_error(r)
+
+
+def check_factor_table(doc, arr, groups):
+    """The three-row distribution table, recounted from the saved images: readings, joint values, TV distances,
+    the noise floor over the same random halves of the base seeds, effects, purity and consistency."""
+    from collections import Counter
+
+    from conceptkit.toy import FACTORS, analyse
+    from conceptkit.toy.distribution import FLOOR_SPLITS
+
+    t = doc["factor_table"]
+    n = 6
+    base = [analyse(im) for im in arr["factor_base_images"]]
+    assert t["seeds"] == n and t["base_seeds"] == 2 * n == len(base) and list(t["rows"]) == ["sliders", "random", "prompt_edits"]
+
+    def value(r, keys):
+        return tuple(r.factors[q] for q in keys) if r.valid else None
+
+    def tv(xs, ys):
+        xs, ys = [x for x in xs if x is not None], [y for y in ys if y is not None]
+        cx, cy = Counter(xs), Counter(ys)
+        return 0.5 * sum(abs(cx[v] / len(xs) - cy[v] / len(ys)) for v in set(cx) | set(cy))
+
+    floor = {}
+    for g, keys in groups.items():
+        vals = [value(r, keys) for r in base]
+        rng = np.random.default_rng(doc["seed"])
+        halves = [rng.permutation(2 * n) for _ in range(FLOOR_SPLITS)]
+        floor[g] = np.mean([tv([vals[i] for i in p[:n]], [vals[i] for i in p[n:]]) for p in halves])
+        assert t["floor"][g] == pytest.approx(floor[g], abs=1e-9)
+    for name, (lo_key, hi_key) in {"sliders": ("slider_minus", "slider_plus"), "random": ("random_minus", "random_plus"),
+                                   "prompt_edits": ("edit_minus", "edit_plus")}.items():
+        d = t["rows"][name]["distribution"]
+        los, his = arr[f"factor_{lo_key}_images"], arr[f"factor_{hi_key}_images"]
+        assert los.shape[1] == n and len(d["per_slider"]) == len(los) == (4 if name == "prompt_edits" else 2)
+        mains = []
+        for j, row in enumerate(d["per_slider"]):
+            lo, hi = [analyse(im) for im in los[j]], [analyse(im) for im in his[j]]
+            eff = {}
+            for g, keys in groups.items():
+                dist = tv([value(r, keys) for r in lo], [value(r, keys) for r in hi])
+                assert row["tv"][g] == pytest.approx(dist, abs=1e-9)
+                eff[g] = max(0.0, dist - floor[g])
+                assert row["effect"][g] == pytest.approx(eff[g], abs=1e-9)
+            top = max(eff.values())
+            main = next(g for g in groups if eff[g] == top) if top > 0 else None
+            assert row["main"] == main and row["main_effect"] == pytest.approx(top, abs=1e-9)
+            if main is None:
+                assert row["distribution_purity"] is None and row["toward"] == 0.0
+                continue
+            mains.append(row)
+            assert row["distribution_purity"] == pytest.approx(top / sum(eff.values()), abs=1e-9)
+            # consistency on the main group's key that moves most, toward the value whose share grows most
+            pairs = [(x.factors, y.factors) for x, y in zip(lo, hi) if x.valid and y.valid]
+            key = max(groups[main], key=lambda q: tv([value(r, (q,)) for r in lo], [value(r, (q,)) for r in hi]))
+            gain = {v: sum(b[key] == v for _, b in pairs) - sum(a[key] == v for a, _ in pairs) for v in FACTORS[key]}
+            plus = max(FACTORS[key], key=lambda v: gain[v])  # first of the ties, in the vocabulary's order
+            assert row["plus_value"] == f"{key}={plus}"
+            assert row["toward"] == pytest.approx(np.mean([b[key] == plus and a[key] != plus for a, b in pairs]), abs=1e-9)
+        s = t["rows"][name]["summary"]
+        assert s["n_above_floor"] == d["n_above_floor"] == len(mains)
+        assert s["distribution_purity"] == (pytest.approx(np.mean([r["distribution_purity"] for r in mains])) if mains else None)
+        assert s["main_effect"] == pytest.approx(np.mean([r["main_effect"] for r in d["per_slider"]]))
+        assert s["coverage"] == len({r["main"] for r in mains} - {"background"})
+        assert s["per_seed_purity"] == pytest.approx(t["rows"][name]["per_seed"]["mean_purity"])
 
 
 CI_FIELDS = ("diversity_ratio_ci", "vendi_ratio_ci", "clip_score_change_ci", "diversity_higher", "clip_within_5pct")

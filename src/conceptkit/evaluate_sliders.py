@@ -6,7 +6,8 @@ both sets are scored for diversity (mean pairwise cosine distance, Vendi score) 
 against the prompt, and compared by their Fréchet distance. Per slider, the first `effect_count`
 seeds are drawn at -s and +s: the effect size is `metrics.effect_size(base, +s)` and the cosine
 matrix of the sliders' mean effects says how orthogonal the set is. On the toy model the same
-images give the factor-recovery table (`toy.factors`).
+images give the factor-recovery table, in three rows (sliders, random rank-1 directions, prompt
+edits) read per seed and per distribution on `factor_seeds` seeds (`toy.slider_factors`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SliderEvalConfig:
     scale: float = 2.0  # random strengths are uniform in [-scale, scale]
     effect_count: int = 16  # seeds per slider drawn at -effect_strength and +effect_strength
     effect_strength: float = 2.0  # strength of the per-slider effect images
+    factor_seeds: int = 64  # toy only: seeds of the factor table (sliders, random directions, prompt edits; 2x base seeds)
     seed: int = 0  # first seed; also seeds the random combinations
     encoder: str | None = None  # None: the encoder the set was trained with
     batch_size: int = 32  # images per sampling call
@@ -49,6 +51,8 @@ class SliderEvalConfig:
             raise UsageError(f"--effect-count must be between 2 and --count ({self.count}) (got {self.effect_count})")
         if not (np.isfinite(self.effect_strength) and self.effect_strength > 0):
             raise UsageError(f"--effect-strength must be a positive number (got {self.effect_strength})")
+        if not 2 <= self.factor_seeds <= 4096:
+            raise UsageError(f"--factor-seeds must be between 2 and 4096 (got {self.factor_seeds})")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.encoder is not None:
@@ -158,7 +162,8 @@ def intervals(base: np.ndarray, slid: np.ndarray, text: np.ndarray | None, seed:
 
 def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str) -> dict[str, Any]:
     return {"set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
-            "model": model.identity(), "settings": {**asdict(cfg), "encoder": encoder_spec, "batch_size": None}}
+            "model": model.identity(), "settings": {**asdict(cfg), "encoder": encoder_spec, "batch_size": None,
+                                                    "factor_seeds": cfg.factor_seeds if model.spec == "toy" else None}}
 
 
 def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on_wait=None) -> dict[str, Any]:
@@ -184,7 +189,15 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     seeds = list(range(cfg.seed, cfg.seed + cfg.count))
     k = len(sset.sliders)
     indices = [s.index for s in sset.sliders]
-    total = 2 * cfg.count + 2 * k * cfg.effect_count
+    toy = model.spec == "toy"
+    # on the toy the per-slider images also feed the factor table, on factor_seeds seeds
+    n_signed = max(cfg.effect_count, cfg.factor_seeds) if toy else cfg.effect_count
+    signed_seeds = list(range(cfg.seed, cfg.seed + n_signed))
+    total = 2 * cfg.count + 2 * k * n_signed
+    if toy:
+        from conceptkit.toy.edits import EDITS
+
+        total += 2 * k * cfg.factor_seeds + 2 * len(EDITS) * cfg.factor_seeds + 2 * cfg.factor_seeds
     done = [0]
 
     def tick(n: int) -> None:
@@ -200,11 +213,20 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
                                                                       cfg_batches=guidance > 1.0)
     try:
         slid = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
-        # 2. each slider alone at -s and +s on the first effect_count seeds
-        minus, plus = signed_images(model, sset, indices, seeds[:cfg.effect_count], cfg.effect_strength,
+        # 2. each slider alone at -s and +s on the first effect_count seeds (on the toy: max(effect_count, factor_seeds))
+        minus, plus = signed_images(model, sset, indices, signed_seeds, cfg.effect_strength,
                                     batch_size=cfg.batch_size, progress=tick, mod=mod)
     finally:
         mod.remove()
+    factor_images = None
+    if toy:  # random directions, prompt edits and the base's noise floor on the same seeds (`toy.slider_factors`)
+        from conceptkit.toy import slider_factors
+
+        f = cfg.factor_seeds
+        factor_images = slider_factors.draw(model, sset, indices, signed_seeds[:f], cfg.effect_strength,
+                                            list(range(cfg.seed, cfg.seed + 2 * f)), batch_size=cfg.batch_size,
+                                            progress=tick, sliders=(minus[:, :f], plus[:, :f]))
+    minus, plus = minus[:, :cfg.effect_count], plus[:, :cfg.effect_count]
     # 3. embed; Fréchet distance between the two sets
     emb = evaluation.embed(encoder, base, slid, progress=(lambda d, t: progress("embedding", d, t)) if progress else None)
     eff = evaluation.embed(encoder, torch.cat([minus.flatten(0, 1), plus.flatten(0, 1)]))
@@ -219,7 +241,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     doc: dict[str, Any] = {
         "what": "sliders", "set": sset.name, "prompt": sset.prompt, "model": model.identity(), "encoder": encoder_spec,
         "steps": steps, "guidance": guidance, "seeds": [seeds[0], seeds[-1]], **{f: getattr(cfg, f) for f in
-                                                                                 ("count", "per_image", "scale", "effect_count", "effect_strength", "seed")},
+                                                                                 ("count", "per_image", "scale", "effect_count", "effect_strength", "factor_seeds", "seed")},
         "strength_range": [-cfg.scale, cfg.scale],
         "base": evaluation.set_scores(emb.a, text), "sliders": evaluation.set_scores(emb.b, text),
         "frechet_distance": emb.frechet, "clip_available": text is not None, "clip_note": clip_note,
@@ -231,7 +253,6 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     doc["vendi_ratio"] = s["vendi"] / b["vendi"]
     doc["clip_score_change"] = (s["clip_score"] / b["clip_score"] - 1.0) if text is not None and b["clip_score"] else None
     doc.update(intervals(emb.a, emb.b, text, cfg.seed))
-    toy = model.spec == "toy"
     arrays = {"base_embeddings": emb.a, "slider_embeddings": emb.b, "slider_weights": weights,
               "effect_minus_embeddings": eff_minus, "effect_plus_embeddings": eff_plus, "text_embedding": text,
               # images: all of them on the toy (32x32; the factor table is read from them), else previews for the report
@@ -239,12 +260,13 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
               "effect_minus_images": np.stack([_images(m, toy, 3) for m in minus]),
               "effect_plus_images": np.stack([_images(p, toy, 3) for p in plus])}
     # 5. on the toy: which factor each slider moves
-    doc["factors"] = doc["factor_entropy"] = None
-    if model.spec == "toy":
-        from conceptkit.toy import factors
+    doc["factors"] = doc["factor_entropy"] = doc["factor_table"] = None
+    if toy:
+        from conceptkit.toy import factors, slider_factors
 
-        doc["factors"] = factors.table(list(arrays["effect_minus_images"]), list(arrays["effect_plus_images"]),
-                                       indices, [s.label for s in sset.sliders])
+        arrays.update(factor_images.arrays())
+        doc["factor_table"] = slider_factors.table(factor_images, indices, [s.label for s in sset.sliders], seed=cfg.seed)
+        doc["factors"] = doc["factor_table"]["rows"]["sliders"]["per_seed"]  # the per-seed table, as before
         doc["factor_entropy"] = {"base": factors.entropy(arrays["base_images"]), "sliders": factors.entropy(arrays["slider_images"])}
     doc = evaluation.save(key, doc, {n: a for n, a in arrays.items() if a is not None}, on_wait=on_wait)
     return evaluation.public(doc, False, time.perf_counter() - started)

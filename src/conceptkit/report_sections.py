@@ -65,6 +65,30 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                [[r["index"], r["label"], r["effect_size"], r["effect_size_minus"]] for r in doc["per_slider"]]))
         sections += [_img(files["sweep_grid"], "strength sweep"), _img(files["effect_cosines"], "effect cosines"),
                      _img(files["effect_sizes"], "effect sizes")]
+    t = doc.get("factor_table")
+    if t:
+        from conceptkit.toy.slider_factors import ROW_TITLES
+
+        floor = ", ".join(f"{g} {v:.3f}" for g, v in t["floor"].items())
+        sections.append(_table(f"factor table (toy analyser), {t['seeds']} seeds at ±{doc['effect_strength']:g}: per-seed purity "
+                               f"beside the mean summed change; distribution purity beside the main factor's TV distance above "
+                               f"the noise floor ({floor}; two {t['seeds']}-seed halves of {t['base_seeds']} base seeds)",
+                               ["row", "per-seed purity", "summed change", "distribution purity", "effect above floor",
+                                "above floor", f"effect ≥ {t['rows']['sliders']['distribution']['strong']:g}", "consistency",
+                                "core factors covered", "labels naming the main factor"],
+                               [[ROW_TITLES[name], s["per_seed_purity"], s["per_seed_change"], s["distribution_purity"],
+                                 s["main_effect"], f"{s['n_above_floor']} of {s['count']}", f"{s['n_strong']} of {s['count']}",
+                                 s["consistency"], f"{s['coverage']} of 4", f"{s['labels_right']} of {s['count']}"]
+                                for name, s in ((n, r["summary"]) for n, r in t["rows"].items())]))
+        for name, row in t["rows"].items():
+            d = row["distribution"]
+            sections.append(_table(f"{ROW_TITLES[name]}: TV distance between -{doc['effect_strength']:g} and "
+                                   f"+{doc['effect_strength']:g} per factor (effect above the floor)",
+                                   ["index", "label", "main factor", "distribution purity", "effect", "toward + value", "+ value",
+                                    *d["factors"]],
+                                   [[r["index"], r["label"], r["main"], r["distribution_purity"], r["main_effect"], r["toward"],
+                                     r["plus_value"], *(f"{_fmt(r['tv'][x])} ({_fmt(r['effect'][x])})" for x in d["factors"])]
+                                    for r in d["per_slider"]]))
     f = doc.get("factors")
     if f:
         sections.append(_table(f"factor recovery (toy analyser): {f['n_covered']} of {len(f['of'])} factors covered "

@@ -71,6 +71,8 @@ def sliders(
     scale: Annotated[float, typer.Option(help="Random strengths are uniform in [-scale, scale].")] = 2.0,
     effect_count: Annotated[int, typer.Option(help="Seeds per slider drawn at -/+ --effect-strength (effect sizes, factor table).")] = 16,
     effect_strength: Annotated[float, typer.Option(help="Strength of the per-slider effect images.")] = 2.0,
+    factor_seeds: Annotated[int, typer.Option(help="Toy only: seeds of the factor table (sliders, random directions, prompt "
+                                                   "edits at -/+ --effect-strength; twice as many base seeds for the noise floor).")] = 64,
     encoder: EncoderOpt = None,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampling call.")] = 32,
@@ -85,7 +87,8 @@ def sliders(
     from conceptkit.lora_eval import is_lora_file, lora_file_set, precheck, settings_for
 
     cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
-                           effect_strength=effect_strength, seed=seed, encoder=encoder, batch_size=batch_size)
+                           effect_strength=effect_strength, factor_seeds=factor_seeds, seed=seed, encoder=encoder,
+                           batch_size=batch_size)
     if is_lora_file(name):
         precheck(name, prompt, like, start)
         like_set = load_set(like) if like is not None else None
@@ -124,13 +127,26 @@ def _render_sliders(doc: dict) -> None:
              [(r["index"], r["label"], _fmt(r["effect_size"]), _fmt(r["effect_size_minus"]),
                _fmt(max((abs(c) for j, c in enumerate(doc["effect_cosines"][i]) if j != i), default=None)))
               for i, r in enumerate(doc["per_slider"])])
-    f = doc.get("factors")
-    if f:
-        ui.table(f"factor recovery (toy analyser): {f['n_covered']}/{len(f['of'])} factors covered, mean purity "
-                 f"{f['mean_purity']:.3f}, labels right {f['labels_right']}/{len(f['per_slider'])}",
-                 ["index", "label", "main", "purity", "valid", *f["factors"]],
-                 [(r["index"], r["label"], r["main"] or "-", _fmt(r["purity"]), _fmt(r["valid"]), *(_fmt(r["change"][x]) for x in f["factors"]))
-                  for r in f["per_slider"]])
+    t = doc.get("factor_table")
+    if t:
+        from conceptkit.toy.slider_factors import ROW_TITLES
+
+        ui.table(f"factor table (toy analyser; {t['seeds']} seeds at -/+{doc['effect_strength']:g}; noise floor from "
+                 f"{t['base_seeds']} base seeds: " + ", ".join(f"{g} {v:.3f}" for g, v in t["floor"].items()) + ")",
+                 ["row", "per-seed purity", "change", "distribution purity", "effect", "above floor", "strong", "consistency",
+                  "covered", "labels"],
+                 [(ROW_TITLES[name], _fmt(s["per_seed_purity"]), _fmt(s["per_seed_change"]), _fmt(s["distribution_purity"]),
+                   _fmt(s["main_effect"]), f"{s['n_above_floor']}/{s['count']}", f"{s['n_strong']}/{s['count']}", _fmt(s["consistency"]),
+                   f"{s['coverage']}/4", f"{s['labels_right']}/{s['count']}")
+                  for name, s in ((n, r["summary"]) for n, r in t["rows"].items())])
+        for name, row in t["rows"].items():
+            d, p = row["distribution"], row["per_seed"]
+            ui.table(f"{ROW_TITLES[name]}: TV distance at -/+ (effect above the floor); per-seed change",
+                     ["index", "label", "main", "distribution purity", "effect", "toward", "+ value", *d["factors"],
+                      "per-seed main", "per-seed purity"],
+                     [(r["index"], r["label"], r["main"] or "-", _fmt(r["distribution_purity"]), _fmt(r["main_effect"]), _fmt(r["toward"]),
+                       r["plus_value"] or "-", *(f"{_fmt(r['tv'][x])} ({_fmt(r['effect'][x])})" for x in d["factors"]),
+                       q["main"] or "-", _fmt(q["purity"])) for r, q in zip(d["per_slider"], p["per_slider"])])
     fe = doc.get("factor_entropy")
     if fe:
         names = list(fe["base"]["entropy"])

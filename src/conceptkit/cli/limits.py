@@ -43,6 +43,7 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "scale": (-100.0, 100.0),  # slider / sub-concept strength
     "effect_count": (1, 10_000),
     "effect_strength": (0.0, 100.0),
+    "factor_seeds": (2, 4096),  # evaluate sliders on the toy: seeds of the factor table (2x as many base seeds)
 }
 # (command, name): a range that differs from the table's for that command.
 COMMAND_LIMITS: dict[tuple[str, str], tuple[float | None, float | None]] = {
