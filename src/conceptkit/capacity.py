@@ -6,13 +6,15 @@ import shutil
 from pathlib import Path
 
 from conceptkit.errors import StoreError, UsageError
+from conceptkit.outputs import nearest_existing
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def human_size(n: float) -> str:
+    """Bytes as B, KiB, MiB, GiB or TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
@@ -28,12 +30,10 @@ def harvest_bytes(model, cfg, trajectories: int) -> int:
 
 def check_disk(folder: Path, needed: int, what: str) -> None:
     """Refuse a run whose output will not fit on the disk that holds `folder` (5% kept free)."""
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(Path(folder))
     free = shutil.disk_usage(probe).free
     if needed > 0.95 * free:
-        raise StoreError(f"{what} needs about {_size(needed)} on disk and {probe} has {_size(free)} free; free some "
+        raise StoreError(f"{what} needs about {human_size(needed)} on disk and {probe} has {human_size(free)} free; free some "
                          "space, ask for fewer samples, or set CONCEPTKIT_HOME to a larger disk")
 
 
@@ -43,5 +43,5 @@ def check_memory(needed: int, what: str) -> None:
 
     available = psutil.virtual_memory().available
     if needed > 0.9 * available:
-        raise UsageError(f"{what} needs about {_size(needed)} of memory and {_size(available)} is available; "
+        raise UsageError(f"{what} needs about {human_size(needed)} of memory and {human_size(available)} is available; "
                          "ask for fewer --samples or fewer --steps")

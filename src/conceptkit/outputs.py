@@ -8,6 +8,13 @@ from pathlib import Path
 from conceptkit.errors import UsageError
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent (where a new folder would be made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output_folder(path: Path | str, option: str) -> Path:
     """The folder exists or can be created, and can be written: a bad one is refused before the work.
 
@@ -17,9 +24,7 @@ def check_output_folder(path: Path | str, option: str) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file, not a folder; choose a folder")
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(path)
     if not probe.is_dir():
         raise UsageError(f"{option} {path}: {probe} is a file, so the folder cannot be created; choose another folder")
     read_only_fs = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)

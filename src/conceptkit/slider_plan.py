@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from conceptkit import capacity
+from conceptkit.harvest import HarvestConfig
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -68,11 +71,13 @@ def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: flo
     shape = latent_shape(model)
     batch = min(batch_size, samples)
     call = measure_unet_call(model, prompt, guidance, shape, batch)
+    disk = capacity.harvest_bytes(model, HarvestConfig(prompts=(prompt,), samples=samples, steps=steps,
+                                                       guidance=guidance).resolved(model), samples)
     train_batch = pairs * (1 + (2 if symmetric else 1) * count)  # the slider-free rows and every slider and sign
     return Plan(
         trajectories=samples, steps=steps, guidance=guidance, latent_shape=shape,
-        harvest_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 2,  # x0 and x_t, float16, every step
-        pca_memory_bytes=samples * steps * 2 * shape[0] * shape[1] * shape[2] * 4,
+        harvest_bytes=disk,
+        pca_memory_bytes=2 * disk,  # float16 on disk, float32 in memory
         sliders=count, train_steps=train_steps, pairs=pairs, batch=batch, unet_call_s=round(call, 4),
         harvest_s=round(-(-samples // batch) * steps * call, 1),
         # backward costs about twice a forward pass; decoding and embedding x0 are left out

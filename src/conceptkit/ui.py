@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from conceptkit.capacity import human_size  # noqa: F401  re-exported for the commands
 from conceptkit.jsondata import finite_json
 
 
@@ -42,14 +43,6 @@ def print_json(data: Any) -> None:
     """One JSON document on stdout, nothing else there (strict JSON: no NaN)."""
     sys.stdout.write(json.dumps(finite_json(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def human_age(seconds: float) -> str:

@@ -106,8 +106,6 @@ def _quiet_libraries() -> None:
     if _state["verbose"]:
         return
     warnings.filterwarnings("ignore")
-    # Read when each library is imported; one already imported is told directly. Importing them here
-    # would cost seconds on commands that fail before loading a model (an offline, missing model).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("transformers", "diffusers"):  # already imported (tests, a library user): set it directly
