@@ -102,7 +102,7 @@ def main() -> None:
 
     import torch
 
-    from conceptkit.models import load_model, resolve_device
+    from conceptkit.models.load import load_model, resolve_device
 
     kind = resolve_device(a.device).type
     size, samples, steps, batch, k, pairs = DEFAULTS[(a.arch, "cuda" if kind == "cuda" else "cpu")]

@@ -3,11 +3,12 @@ or measure its sub-concepts' images (VbSC) against random neuron groups.
 
 Usage: python bench/cluster.py [--model toy] [--prompt "a red circle"] [--threads 2] [--sweeps] [--plots DIR] [--keep DIR]
 The bar: at most 300 s on 2 CPU cores for the toy. Every metric in the JSON is recomputed from the
-saved arrays with scikit-learn (tolerance 1e-6). Prints one JSON document on stdout.
+saved arrays with scikit-learn (tolerance 1e-6). Prints one JSON document on stdout. This one runs the
+command in a fresh process on purpose: it times what a user waits for, interpreter start included.
 
        python bench/cluster.py vbsc [--prompt "a red circle"] [--images 32] [--draws 5] [--modes close,only] [--grids DIR]
-Clusters PROMPT (cached in --keep), renders every sub-concept in each mode and as many random
-neuron groups of the same sizes (`conceptkit.picasso_eval.vbsc`), embeds the images with the toy
+Clusters PROMPT through the library (`picasso.pipeline.run`, cached in --keep), renders every sub-concept in each mode and as many random
+neuron groups of the same sizes (`conceptkit.evaluate.vbsc.vbsc`), embeds the images with the toy
 CLIP and scores them as a clustering; reads the toy images with the analyser. One JSON document.
 """
 
@@ -102,26 +103,27 @@ def vbsc_main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grids", default=None, help="write one PNG per mode: unmodified row, then a row per sub-concept")
     p.add_argument("--keep", default=None, help="use this CONCEPTKIT_HOME (kept) instead of a temporary one")
-    p.add_argument("extra", nargs="*", help="more cluster options, after --")
+    p.add_argument("--samples", type=int, default=8, help="harvest trajectories (the cluster command's default)")
     args = p.parse_args(argv)
 
     home = args.keep or tempfile.mkdtemp(prefix="ck-bench-")
     os.environ.update(CONCEPTKIT_HOME=home, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-m", "conceptkit", "cluster", args.prompt, "--model", args.model, "--tau", args.tau, "--k", args.k,
-           "--json", *args.extra]
-    run = subprocess.run(cmd, env=os.environ, capture_output=True, text=True, check=False)
-    if run.returncode != 0:
-        sys.stderr.write(run.stderr)
-        raise SystemExit(run.returncode)
-    doc = json.loads(run.stdout)
-
     import torch
 
     torch.set_num_threads(args.threads)
-    from conceptkit import picasso_eval, subconcepts
-    from conceptkit.models import load_model
+    from conceptkit import harvest
+    from conceptkit.evaluate import vbsc as picasso_eval
+    from conceptkit.models.load import load_model
+    from conceptkit.picasso import pipeline, subconcepts
+    from conceptkit.picasso.cluster import ClusterConfig
+    from conceptkit.picasso.neurons import NeuronConfig
 
+    # the clustering `conceptkit cluster PROMPT --tau T --k K` makes, through the library (cached in --keep)
     model = load_model(args.model)
+    made = harvest.run(model, harvest.HarvestConfig(prompts=(args.prompt,), samples=args.samples))
+    doc = pipeline.run(model, made.path, NeuronConfig(), ClusterConfig(tau=float(args.tau), k=int(args.k)))
+    cmd = [sys.executable, "-m", "conceptkit", "cluster", args.prompt, "--model", args.model, "--tau", args.tau, "--k", args.k,
+           "--samples", str(args.samples)]
     sub = subconcepts.load(doc["key"])
     cfg = picasso_eval.VbscConfig(images=args.images, draws=args.draws, modes=tuple(args.modes.split(",")), encoder=args.encoder)
     res = picasso_eval.vbsc(model, sub, cfg, progress=lambda d, t: print(f"\r{d}/{t} groups", end="", file=sys.stderr))
@@ -130,16 +132,18 @@ def vbsc_main(argv: list[str]) -> None:
            "clusters": [{k: c[k] for k in ("cluster", "size", "group_share", "layer_share")} for c in doc["clusters"]],
            "vbsc": picasso_eval.to_dict(res), "home": home}
     if args.grids:
-        from conceptkit.generate import _png
+        from conceptkit.figures import grid_image
+        from conceptkit.infotext import write_png
 
         grids = {}
         for mode in cfg.modes:
             path = os.path.join(args.grids, f"subconcepts-{mode}.png")
-            image = picasso_eval.grid(model, sub, mode, range(8), upscale=3)
+            cells = torch.nn.functional.interpolate(subconcepts.grid(model, sub, range(8), mode=mode), scale_factor=3, mode="nearest")
+            image = grid_image(cells, sub.k + 1, 8)
             settings = {"prompt": sub.prompts[0], "steps": model.default_steps, "guidance": model.default_guidance,
                         "seeds": list(range(8)), "model": model.identity(), "cluster_key": sub.key, "mode": mode,
                         "rows": ["unmodified", *[f"sub-concept {c}" for c in range(sub.k)]]}
-            _png(image, Path(path), settings)
+            write_png(image, Path(path), settings, model)
             grids[mode] = path
         out["grids"] = grids
     print(json.dumps(out, indent=2, default=str))

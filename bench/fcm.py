@@ -24,7 +24,7 @@ def neuron_count(arch: str) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from conceptkit import full_models
+    from conceptkit.models import full as full_models
     from conceptkit.toy import weights_path
 
     with torch.device("meta"):
@@ -49,7 +49,7 @@ def synthetic_maps(n: int, side: int, k: int = 4, seed: int = 0) -> np.ndarray:
 
 def measure(arch: str, sizes: list[int], k: int = 4, pca_dim: int = 8, temporal_dim: int = 3,
             taus: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95, 0.99)) -> dict:
-    from conceptkit.cluster import cluster_fcm, reduce_pca
+    from conceptkit.picasso.maths import cluster_fcm, reduce_pca
 
     side, neurons = SIDE[arch], neuron_count(arch)
     items = neurons * temporal_dim

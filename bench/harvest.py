@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-bench-")
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     model = load_model(args.model, device=args.device)
     prompt = "a shape" if args.model == "toy" else "a cat"

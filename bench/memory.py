@@ -27,10 +27,10 @@ def child(a) -> dict:
 
     from conceptkit import harvest
     from conceptkit.features import load_encoder
-    from conceptkit.models import load_model
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
-    from conceptkit.slider_train import PairSource, TrainSettings, encode_conditioning, train_step
-    from conceptkit.sliders import _checkpointing
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
+    from conceptkit.sliders.train import PairSource, TrainSettings, encode_conditioning, train_step
+    from conceptkit.sliders.pipeline import _checkpointing
 
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-mem-")
     model = load_model(SPEC[a.arch], device=a.device, dtype=a.dtype)

@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     import torch
 
-    from conceptkit.generate import SliderModification, sample
-    from conceptkit.lora_import import LoraModification, inspect_lora, parse_lora
-    from conceptkit.models import load_model
-    from conceptkit.slider_sets import export_kohya
-    from conceptkit.slider_train import TrainSettings, window_steps
-    from conceptkit.sliders import SlidersConfig
-    from conceptkit.sliders import run as train
+    from conceptkit.diffusion import sample
+    from conceptkit.sliders.apply import SliderModification
+    from conceptkit.sliders.lora_import import LoraModification, inspect_lora, parse_lora
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.sets import export_kohya
+    from conceptkit.diffusion import window_steps
+    from conceptkit.sliders.train import TrainSettings
+    from conceptkit.sliders.pipeline import SlidersConfig
+    from conceptkit.sliders.pipeline import run as train
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,7 @@ def log(msg: str) -> None:
 
 def load(spec: str, toy_train: Path):
     """A LoadedModel; `toy-arch`: the toy's architecture with its current VAE/CLIP and a random UNet."""
-    from conceptkit.models import LoadedModel, load_model
+    from conceptkit.models.load import LoadedModel, load_model
 
     if spec != "toy-arch":
         return load_model(spec, device="cpu")
@@ -56,7 +56,7 @@ def load(spec: str, toy_train: Path):
 
 def cmd_time(a) -> dict:
     """The whole `conceptkit sliders "a shape" --count K` with default settings, timed."""
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     model = load(a.model, a.toy_train)
     enc = a.encoder or ("toy" if a.model == "toy" else f"toy:{a.toy_train / 'export' / 'clip'}" if a.model == "toy-arch" else "auto")
@@ -89,8 +89,8 @@ def ratio(model, *, count: int, pairs: int, repeat: int, encoder: str = "pixel",
     """The batched/sequential slider-step timing on a loaded model; images of `size` px (default native)."""
     from conceptkit import harvest
     from conceptkit.features import load_encoder
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
-    from conceptkit.slider_train import (
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
+    from conceptkit.sliders.train import (
         PairSource,
         TrainSettings,
         encode_conditioning,
@@ -144,8 +144,8 @@ def cmd_factors(a) -> dict:
     """The toy's three-row factor table (sliders, random rank-1 directions, prompt edits) on the same seeds."""
     import numpy as np
 
-    from conceptkit.slider_sets import load_set
-    from conceptkit.toy import slider_factors
+    from conceptkit.sliders.sets import load_set
+    from conceptkit.evaluate import toy_factors as slider_factors
 
     sset = load_set(a.set)
     model = load(sset.manifest["model"]["spec"] if a.model == "toy" else a.model, a.toy_train)
@@ -192,7 +192,7 @@ def render_table(tab: dict) -> None:
 
 def prompt_edits(model, sset, seeds: list[int]) -> dict:
     """The per-seed factor table of the prompt-edit pairs in `EDITS` (same seeds, steps, guidance and window as the set)."""
-    from conceptkit.evaluation import to_uint8
+    from conceptkit.evaluate.common import to_uint8
     from conceptkit.toy import factors
     from conceptkit.toy.edits import edit_images, edit_labels
 

@@ -69,7 +69,7 @@ def describe(directions: np.ndarray, bases: dict[str, np.ndarray]) -> dict:
 
 def ceiling_by_samples(encoder, bases: dict[str, np.ndarray], k: int, sizes=(16, 64, 256, 1024), draws: int = 5) -> dict[int, float]:
     """Mean purity of the top-k PCA directions of n rendered scenes (fresh draws), per n: PCA's ceiling at n samples."""
-    from conceptkit.slider_train import principal_directions
+    from conceptkit.sliders.train import principal_directions
 
     out = {}
     for n in sizes:
@@ -94,7 +94,9 @@ def subspace_overlap(bases: dict[str, np.ndarray], emb: np.ndarray) -> tuple[dic
 def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, np.ndarray]:
     """Top-k PCA directions of the set's harvest and of variants of it: more trajectories, final x0, window only, whitened."""
     from conceptkit import harvest
-    from conceptkit.slider_train import principal_directions, window_steps
+    from conceptkit.diffusion import decode_batched
+    from conceptkit.diffusion import window_steps
+    from conceptkit.sliders.train import principal_directions
 
     st = sset.manifest["settings"]
     out = {}
@@ -103,7 +105,7 @@ def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, 
                                      seed=st["seed"], record=("x0", "xt"))
         h = harvest.load(harvest.run(model, hcfg).path, samples=n)
         steps = h.x0.shape[1]
-        emb = encoder.embed(harvest.decode(model, h.x0.flatten(0, 1).float())).numpy().reshape(n, steps, -1)
+        emb = encoder.embed(decode_batched(model, h.x0.flatten(0, 1).float())).numpy().reshape(n, steps, -1)
         first = window_steps(steps, float(sset.manifest.get("start", 0.1)))
         out[f"all x0, {n} trajectories"] = principal_directions(emb.reshape(n * steps, -1), k).components
         out[f"final x0, {n} trajectories"] = principal_directions(emb[:, -1], min(k, n - 1)).components
@@ -138,8 +140,8 @@ def config_from(sset, name: str, **train):
     """The set's SlidersConfig with `train` settings replaced, under another name."""
     from dataclasses import replace
 
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig
+    from conceptkit.sliders.train import TrainSettings
+    from conceptkit.sliders.pipeline import SlidersConfig
 
     st = dict(sset.manifest["settings"])
     t = replace(TrainSettings(**st.pop("train")), **train)
@@ -151,7 +153,7 @@ def sweep(model, sset, knobs=SWEEP) -> list[dict]:
     """Train the set again with one training setting changed at a time; each run's alignment and seconds."""
     import time
 
-    from conceptkit.sliders import run as train_set
+    from conceptkit.sliders.pipeline import run as train_set
 
     out = []
     for knob, value in (("default", None), *knobs):
@@ -169,10 +171,10 @@ def sweep(model, sset, knobs=SWEEP) -> list[dict]:
 
 def run(a) -> dict:
     from conceptkit.features import load_encoder
-    from conceptkit.models import load_model
-    from conceptkit.slider_sets import load_set
-    from conceptkit.slider_train import principal_directions
-    from conceptkit.slider_labels import alignment
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.sets import load_set
+    from conceptkit.sliders.train import principal_directions
+    from conceptkit.sliders.labels import alignment
 
     sset = load_set(a.set)
     model = load_model(sset.manifest["model"]["spec"], device="cpu")

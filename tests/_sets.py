@@ -8,9 +8,9 @@ import pytest
 def train_tiny_set(tmp_path_factory, *, count: int, samples: int, steps: int, lr: float, pairs: int = 2,
                    start: float = 0.1, encoder: str = "pixel", prompt: str = "a shape"):
     """(model, set): `count` sliders for `prompt` on tiny-sd, in a store of their own."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.train import TrainSettings
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:

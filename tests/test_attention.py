@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptkit.attention import (
+from conceptkit.picasso.attention import (
     ConceptSink,
     capture,
     cross_attention_names,
     neuron_contributions,
     spatial_size,
 )
-from conceptkit.models import load_model
+from conceptkit.models.load import load_model
 
 
 @pytest.fixture(scope="module")

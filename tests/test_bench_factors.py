@@ -9,7 +9,7 @@ import torch
 
 def test_prompt_edits_name_the_factor_from_the_window_on():
     from bench.sliders import EDITS, prompt_edits
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     torch.manual_seed(0)
     model = load_model("toy", device="cpu")

@@ -9,7 +9,7 @@ import pytest
 import skfuzzy
 from sklearn.metrics import adjusted_rand_score
 
-from conceptkit.cluster import (
+from conceptkit.picasso.maths import (
     CLUSTERERS,
     Clustering,
     centres_to_maps,

@@ -44,7 +44,7 @@ def test_joint_codes_and_consistency_by_hand():
 def test_distribution_recovery_sees_through_re_rolling():
     """Slider 0 moves factor a on every seed and re-rolls factor b without moving its distribution: per seed
     both change on every seed (purity 0.5), per distribution only a moves (purity 1). Slider 1 does nothing."""
-    from conceptkit.slider_labels import factor_recovery
+    from conceptkit.toy.factors import factor_recovery
 
     minus = np.array([[[0, 0], [0, 0], [0, 1], [0, 1]], [[0, 0], [1, 1], [0, 1], [1, 0]]])
     plus = np.array([[[1, 1], [1, 1], [1, 0], [1, 0]], [[0, 0], [1, 1], [0, 1], [1, 0]]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptkit.full_models import FULL_NAMES, build_full
+from conceptkit.models.full import FULL_NAMES, build_full
 from conceptkit.errors import UsageError
 
 
@@ -45,7 +45,7 @@ def test_unknown_name():
 
 @pytest.mark.slow
 def test_random_sd15_samples_at_small_size():
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     model = load_model("random-sd15", device="cpu")
     out = model.pipe("a cat", num_inference_steps=1, guidance_scale=1.0, height=64, width=64,

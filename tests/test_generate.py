@@ -20,7 +20,7 @@ from conceptkit.generate import (
     parse_sweep,
     sample,
 )
-from conceptkit.slider_sets import load_set, parse_ref
+from conceptkit.sliders.sets import load_set, parse_ref
 from _sets import train_tiny_set
 from _cli import one_line_error as _one_line_error
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conceptkit import harvest, store
-from conceptkit.models import load_model
+from conceptkit.diffusion import decode_batched
+from conceptkit.models.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_two_concurrent_harvests_make_one_artifact():
 
 def test_decoded_images_equal_the_pipelines(tiny_sd):
     res = harvest.run(tiny_sd, _cfg(samples=2, store_dtype="float32"))
-    images = harvest.decode(tiny_sd, harvest.load(res.path).final)
+    images = decode_batched(tiny_sd, harvest.load(res.path).final)
     gens = [torch.Generator("cpu").manual_seed(i) for i in range(2)]
     plain = tiny_sd.pipe(["a cat"] * 2, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="pt").images
     assert images.shape == plain.shape and torch.allclose(images, plain, atol=1e-5)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conceptkit import hub
+from conceptkit.models import hub
 from conceptkit.cli import app
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
-from conceptkit.hub_files import select_encoder_files, select_pipeline_files, weight_variant
+from conceptkit.models.hub_files import select_encoder_files, select_pipeline_files, weight_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli import one_line_error  # noqa: E402
@@ -45,7 +45,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     """tiny-sd as a diffusers folder and as an LDM single file; a tiny DINOv2 as a transformers folder."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from conceptkit.models import build_tiny
+    from conceptkit.models.load import build_tiny
 
     root = tmp_path_factory.mktemp("repos")
     pipe = build_tiny("tiny-sd")
@@ -104,7 +104,7 @@ def test_missing_model_is_named_sized_downloaded_with_a_bar_and_loads(fake_hub, 
     assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == sorted(files)
 
     # the same weights as the built-in, and a second run finds them in the cache without asking the hub
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     asked = len(fake_hub.requests)
     assert load_model(REPO, device="cpu").fingerprint == load_model("tiny-sd", device="cpu").fingerprint
@@ -195,7 +195,7 @@ def test_gated_encoder_says_log_in(fake_hub, saved):
 
 
 def test_single_file_downloads_only_the_configs_it_borrows(fake_hub, saved):
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     canonical = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     fake_hub.add(canonical, saved["tiny-sd"])

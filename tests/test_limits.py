@@ -157,7 +157,7 @@ def test_a_harvest_that_will_not_fit_on_the_disk_is_refused_before_sampling(monk
 
     from conceptkit import harvest
     from conceptkit.errors import StoreError
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     model = load_model("tiny-sd", device="cpu")
     cfg = harvest.HarvestConfig(prompts=("a cat",), samples=64, steps=4)
@@ -194,7 +194,7 @@ def test_sliders_dry_run_prints_the_plan_with_the_model_s_defaults_and_writes_no
 
 
 def test_each_kind_of_model_gets_its_own_slider_defaults():
-    from conceptkit import slider_defaults as sd
+    from conceptkit.sliders import defaults as sd
 
     assert sd.profile_name("toy", "sd1", 20) == "toy"
     assert sd.profile_name("tiny-sdxl", "sdxl", 20) == "test-model"

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conceptkit import evaluation, store
+from conceptkit import store
+from conceptkit.evaluate import common as evaluation
 from conceptkit.cli import app
 from _sets import train_tiny_set
 from _cli import one_line_error

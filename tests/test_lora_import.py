@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conceptkit.cli import app
-from conceptkit.generate import sample
+from conceptkit.diffusion import sample
 from conceptkit.infotext import parse_infotext
-from conceptkit.lora_import import LoraModification, inspect_lora, parse_lora
+from conceptkit.sliders.lora_import import LoraModification, inspect_lora, parse_lora
 from _cli import one_line_error
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def kohya_file(unet, path, *, rank=2, alpha=1.0, seed=0, std=0.5, suffixes=("att
 
 @pytest.fixture(scope="module")
 def model():
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     return load_model("tiny-sd", device="cpu")
 
@@ -96,7 +96,7 @@ def test_generate_lora_equals_plain_diffusers_and_zero_is_the_base(model, lora, 
 
 
 def test_sdxl_lora_equals_plain_diffusers(tmp_path):
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     xl = load_model("tiny-sdxl", device="cpu")
     path = kohya_file(xl.pipe.unet, tmp_path / "xl.safetensors", suffixes=("attn2.to_k", "attn2.to_v", "proj_in", "add_embedding.linear_1"))
@@ -111,7 +111,7 @@ def test_sdxl_lora_equals_plain_diffusers(tmp_path):
 
 
 def test_lora_and_sliders_add_up_and_the_unet_is_left_as_found(model, lora):
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
 
     names_before = [n for n, _ in model.pipe.unet.named_modules()]
     base = sample(model, PROMPT, [1, 2], 4, 7.5)

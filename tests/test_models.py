@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
-from conceptkit.models import (
+from conceptkit.models.load import (
     LoadedModel, builtin_models, build_tiny, fingerprint_pipeline, load_model, resolve_device, resolve_dtype,
 )
-from conceptkit.single_file import inspect_single_file
+from conceptkit.models.single_file import inspect_single_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ldm import save_ldm_checkpoint  # noqa: E402
@@ -138,7 +138,7 @@ def test_fingerprint_is_stable_distinct_and_sensitive(reference):
 
 
 def test_fingerprint_is_the_same_in_a_fresh_process(reference):
-    code = "from conceptkit.models import build_tiny, fingerprint_pipeline; print(fingerprint_pipeline(build_tiny('tiny-sd')))"
+    code = "from conceptkit.models.load import build_tiny, fingerprint_pipeline; print(fingerprint_pipeline(build_tiny('tiny-sd')))"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True, env=env)
     assert out.stdout.strip().splitlines()[-1] == reference["tiny-sd"][0]
@@ -160,15 +160,15 @@ def test_builtin_models_lists_every_builtin():
 
 
 def test_toy_missing_weights_say_how_to_train(monkeypatch, tmp_path):
-    monkeypatch.setattr("conceptkit.model_sources.toy_weights_dir", lambda: tmp_path / "no-weights")
+    monkeypatch.setattr("conceptkit.models.sources.toy_weights_dir", lambda: tmp_path / "no-weights")
     with pytest.raises(ModelNotFoundError) as err:
         load_model("toy", device="cpu")
     assert "python -m conceptkit.toy.train" in _one_line(err)
 
 
 def test_toy_loads_a_pipeline_folder_with_its_sampling_defaults(monkeypatch, saved, reference):
-    monkeypatch.setattr("conceptkit.model_sources.toy_weights_dir", lambda: saved["tiny-sd"])
-    monkeypatch.setattr("conceptkit.toy.model.sampling_defaults", lambda: {"steps": 12, "guidance": 3.0})
+    monkeypatch.setattr("conceptkit.models.sources.toy_weights_dir", lambda: saved["tiny-sd"])
+    monkeypatch.setattr("conceptkit.models.load.toy_defaults", lambda: {"steps": 12, "guidance": 3.0})
     model = load_model("toy", device="cpu")
     assert (model.source, model.arch, model.fingerprint) == ("builtin", "sd1", reference["tiny-sd"][0])
     assert (model.default_steps, model.default_guidance) == (12, 3.0)

@@ -21,12 +21,14 @@ from sklearn.metrics import (
 )
 from typer.testing import CliRunner
 
-from conceptkit import concept_neurons as cn
-from conceptkit import harvest, picasso, subconcepts
-from conceptkit.attention import cross_attention_names
+from conceptkit.picasso import neurons as cn
+from conceptkit import harvest
+from conceptkit.picasso import cluster as picasso
+from conceptkit.picasso import subconcepts
+from conceptkit.picasso.attention import cross_attention_names
 from conceptkit.cli import app
 from conceptkit.errors import UsageError
-from conceptkit.models import load_model
+from conceptkit.models.load import load_model
 from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
@@ -260,7 +262,8 @@ def test_a_cluster_killed_while_drawing_its_figures_leaves_no_partial_artifact(m
     import os
     from pathlib import Path
 
-    from conceptkit import picasso_plots, store
+    from conceptkit import store
+    from conceptkit.picasso import plots as picasso_plots
 
     real = picasso_plots.similarity
 

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from _clients import a1111_layer_mapping, a1111_load, a1111_sd_version, comfy_key_map, comfy_load, fits, kohya_modules
-from conceptkit.slider_kohya import export_kohya, kohya_key, sd_scripts_skips
-from conceptkit.slider_lora import DEFAULT_TARGETS, SliderFactors, SliderLoraConfig, install_sliders
+from conceptkit.sliders.kohya import export_kohya, kohya_key, sd_scripts_skips
+from conceptkit.sliders.bank import DEFAULT_TARGETS, SliderFactors, SliderLoraConfig, install_sliders
 
 ARCH_OF = {"random-sd15": "sd1", "random-sdxl": "sdxl"}
 
@@ -24,7 +24,7 @@ def unet(request):
     """The full-size UNet on the meta device: real module names and shapes, no memory."""
     from diffusers import UNet2DConditionModel
 
-    from conceptkit.full_models import SD15_UNET, SDXL_UNET
+    from conceptkit.models.full import SD15_UNET, SDXL_UNET
 
     with torch.device("meta"):
         model = UNet2DConditionModel(**(SD15_UNET if request.param == "random-sd15" else SDXL_UNET))
@@ -112,9 +112,9 @@ def test_ldm_names_agree_with_the_checkpoint_writer_for_every_module(name):
     from _clients import module_weights
     from diffusers import UNet2DConditionModel
 
-    from conceptkit.full_models import SDXL_UNET
-    from conceptkit.ldm_names import ldm_module_name
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.full import SDXL_UNET
+    from conceptkit.models.ldm_names import ldm_module_name
+    from conceptkit.models.tiny import build_tiny
 
     if name == "tiny-sdxl":
         unet = build_tiny(name).unet
@@ -130,7 +130,7 @@ def test_ldm_names_agree_with_the_checkpoint_writer_for_every_module(name):
 def test_sdxl_keys_use_the_ldm_names_sd_scripts_wants(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from conceptkit.full_models import SDXL_UNET
+    from conceptkit.models.full import SDXL_UNET
 
     assert kohya_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "sdxl") == \
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
@@ -172,7 +172,7 @@ def test_the_kohya_header_names_the_base_model_for_a1111_and_modelspec(arch, ver
 
 def test_the_sets_own_file_is_for_diffusers_only(tmp_path):
     """ComfyUI's key map has no `unet.<module>.lora_A` names: it would load none of our own file."""
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.tiny import build_tiny
 
     unet = build_tiny("tiny-sd").unet
     bank = install_sliders(unet, SliderLoraConfig(1))

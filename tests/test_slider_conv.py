@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conceptkit.errors import UsageError
-from conceptkit.slider_lora import SliderLoraConfig, export_kohya, install_sliders, load_slider_file
+from conceptkit.sliders.bank import SliderLoraConfig, export_kohya, install_sliders, load_slider_file
 
 # every conv of the UNet: 3x3 resnet convs, 1x1 shortcuts, stride-2 downsamplers, upsamplers, conv_in/out,
 # and (SD 1.x) the 1x1 proj_in/proj_out of the transformers
@@ -85,7 +85,7 @@ def test_grouped_or_dilated_convs_are_refused():
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
 def test_conv_sliders_round_trip_through_diffusers_in_both_formats(name, tmp_path):
     """Our file and the kohya export, each read by `pipe.load_lora_weights`, give our UNet output."""
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.tiny import build_tiny
 
     pipe = build_tiny(name)
     unet, plain = pipe.unet, copy.deepcopy(pipe.unet)
@@ -129,9 +129,9 @@ def test_a_file_with_misshapen_conv_factors_is_refused(tmp_path):
 
 def test_training_moves_conv_sliders_on_tiny_sd(tmp_path, monkeypatch):
     """`sliders` with conv targets: the trained factors of the 3x3 convs move and land in the files."""
-    from conceptkit.models import load_model
-    from conceptkit.slider_train import TrainSettings
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.train import TrainSettings
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path))
     model = load_model("tiny-sd", device="cpu")

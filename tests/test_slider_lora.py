@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from conceptkit.errors import UsageError
-from conceptkit.slider_lora import (
+from conceptkit.sliders.bank import (
     BenchResult,
     SliderLoraConfig,
     bench_batched_vs_sequential,
@@ -444,7 +444,7 @@ def test_kohya_export_round_trips_through_diffusers(trained, tmp_path):
 
 def _sd_pipe(unet):
     """A real StableDiffusionPipeline around `unet`, for `load_lora_weights`."""
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.tiny import build_tiny
 
     pipe = build_tiny("tiny-sd")
     pipe.unet = unet
@@ -458,7 +458,7 @@ def test_kohya_names_are_the_inverse_of_diffusers(name):
     from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.tiny import build_tiny
 
     unet = build_tiny(name).unet
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -503,7 +503,7 @@ def test_generation_with_guidance_matches_peft_adapters(trained):
 
 def test_kohya_round_trip_sdxl_including_add_embedding(tmp_path):
     """SDXL through `pipe.load_lora_weights(kohya_file)`, with targets beyond cross-attention."""
-    from conceptkit.tiny_models import build_tiny
+    from conceptkit.models.tiny import build_tiny
 
     pipe = build_tiny("tiny-sdxl")
     unet, plain = pipe.unet, copy.deepcopy(pipe.unet)

@@ -10,12 +10,12 @@ import pytest
 
 from conceptkit import harvest, store
 from conceptkit.errors import StoreError
-from conceptkit.slider_train import TrainSettings
+from conceptkit.sliders.train import TrainSettings
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
 
     return load_model("tiny-sd", device="cpu")
 
@@ -24,8 +24,8 @@ CFG = dict(count=2, samples=4, encoder="pixel")
 
 
 def test_loss_first_is_the_first_loss_of_the_training_after_a_resume(tiny, monkeypatch):
-    from conceptkit import slider_train
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.sliders import train as slider_train
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     monkeypatch.setattr(slider_train, "CHECKPOINT_EVERY", 3)
     cfg = SlidersConfig("a cube", **CFG, train=TrainSettings(steps=6))
@@ -57,7 +57,7 @@ def _full_disk(monkeypatch):
 
 
 def test_a_full_disk_leaves_no_empty_key_or_work_folder(tiny, monkeypatch):
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     with monkeypatch.context() as m:
         _full_disk(m)
@@ -75,8 +75,8 @@ def test_a_full_disk_leaves_no_empty_key_or_work_folder(tiny, monkeypatch):
 
 
 def test_training_also_checkpoints_by_time_so_a_kill_loses_at_most_about_a_minute(tiny, monkeypatch):
-    from conceptkit import slider_train
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.sliders import train as slider_train
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     saved = []
     real = slider_train.save_checkpoint

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conceptkit import store
 from conceptkit.cli import app
 from conceptkit.infotext import Infotext, format_infotext, parse_infotext
-from conceptkit.slider_clients import comfy_start_percent, first_step, loractl_tag
+from conceptkit.sliders.clients import comfy_start_percent, first_step, loractl_tag
 from _sets import train_tiny_set
 from _cli import one_line_error
 
@@ -220,7 +220,7 @@ def test_bad_export_input_is_one_line_exit_2(sset, tmp_path, args, fragment):
 def test_a_set_without_a_window_gets_no_keyframes(sset):
     from dataclasses import replace
 
-    from conceptkit.slider_clients import ClientSettings, comfyui_workflow
+    from conceptkit.sliders.clients import ClientSettings, comfyui_workflow
 
     flat = replace(sset, manifest={**sset.manifest, "start": 0.0})
     graph = comfyui_workflow(flat, ClientSettings(((1, 2.0),), checkpoint="models/tiny.safetensors"))
@@ -243,7 +243,7 @@ def test_model_hash_is_a1111s_short_sha256_of_a_single_file(tmp_path):
 
 
 def test_generate_lora_next_to_a_slider(sset, tmp_path):
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
     from test_lora_import import kohya_file
 
     lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")
@@ -263,7 +263,7 @@ def test_generate_lora_next_to_a_slider(sset, tmp_path):
 
 
 def test_generate_lora_with_a_sweep_and_random_sliders(sset, tmp_path):
-    from conceptkit.models import load_model
+    from conceptkit.models.load import load_model
     from test_lora_import import kohya_file
 
     lora = kohya_file(load_model("tiny-sd", device="cpu").pipe.unet, tmp_path / "theirs.safetensors")

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conceptkit import store
 from conceptkit.cli import app
 from conceptkit.errors import UsageError
-from conceptkit.slider_labels import alignment, assign_labels
-from conceptkit.slider_train import TrainSettings, principal_directions, slider_loss
+from conceptkit.sliders.labels import alignment, assign_labels
+from conceptkit.sliders.train import TrainSettings, principal_directions, slider_loss
 from _sets import train_tiny_set
 from _cli import one_line_error as _one_line_error
 
@@ -72,7 +72,7 @@ class _FakeTextEncoder:
 
 
 def test_a_slider_is_labelled_with_the_word_whose_text_shift_matches_its_image_shift():
-    from conceptkit.slider_labels import Effects, label, vocabulary_for
+    from conceptkit.sliders.labels import Effects, label, vocabulary_for
 
     enc = _FakeTextEncoder()
     words, texts = vocabulary_for("toy", "a shape")
@@ -98,7 +98,7 @@ def test_alignment_is_rowwise_cosine():
 
 
 def test_factor_recovery_finds_the_moved_factor_and_its_purity():
-    from conceptkit.slider_labels import factor_recovery
+    from conceptkit.toy.factors import factor_recovery
 
     groups = {"colour": ("colour",), "shape": ("shape",), "position": ("horizontal", "vertical")}
     base = {"colour": "red", "shape": "circle", "horizontal": "left", "vertical": "top"}
@@ -120,7 +120,7 @@ def test_factor_recovery_finds_the_moved_factor_and_its_purity():
     (dict(name="../x"), "invalid"), (dict(targets="("), "settings"), (dict(prompt=" "), "empty prompt"),
 ])
 def test_config_checks(kwargs, fragment):
-    from conceptkit.sliders import SlidersConfig
+    from conceptkit.sliders.pipeline import SlidersConfig
 
     with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
         SlidersConfig(**{"prompt": "a shape", **kwargs})
@@ -153,9 +153,9 @@ def test_trained_sliders_move_the_embedding_along_their_direction_more_than_rand
     """
     from conceptkit import harvest
     from conceptkit.features import load_encoder
-    from conceptkit.slider_labels import measure
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
-    from conceptkit.slider_train import PairSource, encode_conditioning
+    from conceptkit.sliders.labels import measure
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
+    from conceptkit.sliders.train import PairSource, encode_conditioning
 
     model, sset = trained
     m = sset.manifest
@@ -189,7 +189,7 @@ def test_trained_sliders_move_the_embedding_along_their_direction_more_than_rand
 def test_training_predicts_the_same_x0_as_the_sampler(trained):
     """The x0 the sliders are trained on is the harvest's own (same guidance, same formula)."""
     from conceptkit import harvest
-    from conceptkit.slider_train import encode_conditioning, predict_x0
+    from conceptkit.sliders.train import encode_conditioning, predict_x0
 
     model = trained[0]
     r = harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=2, store_dtype="float32"))
@@ -205,8 +205,8 @@ def test_training_predicts_the_same_x0_as_the_sampler(trained):
 def test_slider_files_load_with_plain_diffusers_and_carry_metadata(trained):
     from safetensors import safe_open
 
-    from conceptkit.models import load_model
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
 
     model, sset = trained
     path = sset.path / sset.sliders[1].file
@@ -237,9 +237,9 @@ def test_slider_files_load_with_plain_diffusers_and_carry_metadata(trained):
 
 
 def test_a_killed_training_leaves_no_set_and_a_rerun_resumes(tmp_path, monkeypatch):
-    from conceptkit import slider_train
-    from conceptkit.models import load_model
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.sliders import train as slider_train
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
     monkeypatch.setattr(slider_train, "CHECKPOINT_EVERY", 3)
     model = load_model("tiny-sd", device="cpu")
@@ -266,7 +266,7 @@ def test_a_killed_training_leaves_no_set_and_a_rerun_resumes(tmp_path, monkeypat
 
 
 def _same_factors(a, b, rtol=1e-4):
-    from conceptkit.slider_files import load_slider_file
+    from conceptkit.sliders.files import load_slider_file
 
     for sa, sb in zip(a.sliders, b.sliders):
         fa, fb = load_slider_file(a.path / sa.file).factors, load_slider_file(b.path / sb.file).factors
@@ -286,7 +286,7 @@ def test_sliders_killed_with_sigkill_at_random_points_resume_to_the_uninterrupte
     import sys
     import time
 
-    from conceptkit.slider_sets import load_set
+    from conceptkit.sliders.sets import load_set
 
     args = [sys.executable, "-m", "conceptkit", "sliders", "a cube", "-m", "tiny-sd", "--count", "2", "--samples", "4",
             "--train-steps", "60", "--encoder", "pixel", "--json"]
@@ -342,7 +342,7 @@ def test_cli_list_show_rename_export(trained, tmp_path):
     assert json.loads(r.stdout)["sliders"][1]["label"] == "wobble"
     r = runner.invoke(app, ["sliders", "show", "a-shape", "--json"])
     assert json.loads(r.stdout)["sliders"][1]["label"] == "wobble"
-    from conceptkit.slider_lora import load_slider_file
+    from conceptkit.sliders.bank import load_slider_file
 
     assert load_slider_file(store.kind_dir("sliders") / "a-shape" / "slider-01.safetensors").metadata["label"] == "wobble"
     _one_line_error(runner.invoke(app, ["sliders", "rename", "a-shape", "0", "wobble"]))  # labels stay unique
@@ -393,8 +393,8 @@ def test_a_share_of_the_sliders_gets_the_gradients_it_has_in_the_step_over_all(t
     weight is off by 100% or more)."""
     from conceptkit import harvest
     from conceptkit.features import load_encoder
-    from conceptkit.slider_lora import SliderLoraConfig, install_sliders
-    from conceptkit.slider_train import PairSource, encode_conditioning, train_step
+    from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
+    from conceptkit.sliders.train import PairSource, encode_conditioning, train_step
 
     model = trained[0]
     h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=6)).path)
@@ -431,10 +431,10 @@ def test_gradient_checkpointing_trains_the_same_sliders(tmp_path, monkeypatch):
     """--gradient-checkpointing trades time for memory only: same key, same factors."""
     from safetensors.torch import load_file
 
-    from conceptkit.models import load_model
-    from conceptkit.sliders import SlidersConfig, run
+    from conceptkit.models.load import load_model
+    from conceptkit.sliders.pipeline import SlidersConfig, run
 
-    from conceptkit.slider_lora import SliderBank
+    from conceptkit.sliders.bank import SliderBank
 
     monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path))
     model = load_model("tiny-sd", device="cpu")

@@ -240,7 +240,7 @@ def test_leftovers_of_killed_writers_are_cleaned_when_no_one_holds_the_lock(stor
 
 
 def test_the_cleanup_of_set_a_spares_the_temp_folder_of_set_a_shape(tmp_path):
-    from conceptkit.sliders import _temporary_sets
+    from conceptkit.sliders.pipeline import _temporary_sets
 
     base = store.kind_dir("sliders")
     for name in (".tmp-a-123", ".tmp-a-shape-456", ".tmp-a-1-789"):

@@ -15,11 +15,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conceptkit import subconcepts, textual_inversion
-from conceptkit.attention import cross_attention_names
+from conceptkit.picasso import subconcepts
+from conceptkit.models import textual_inversion
+from conceptkit.picasso.attention import cross_attention_names
 from conceptkit.cli import app
 from conceptkit.errors import UsageError
-from conceptkit.models import load_model
+from conceptkit.models.load import load_model
 from _cli import one_line_error as _one_line_error
 
 runner = CliRunner()
@@ -225,7 +226,7 @@ def test_subconcept_grid_is_one_png_with_a_row_per_subconcept(in_cluster_home, t
     png = Image.open(f["path"])
     assert json.loads(png.text["conceptkit"])["subconcept_grid"] == grid
     assert png.size == (3 * 34 + 2, (grid["k"] + 1) * 34 + 2)  # 32-pixel tiny-sd images, 2-pixel padding
-    from conceptkit.generate import sample
+    from conceptkit.diffusion import sample
 
     # row 0 is the unmodified model, row 1 sub-concept 0 in mode close, a column per seed
     cells = np.asarray(png, dtype=float)
@@ -250,7 +251,7 @@ def test_render_draws_each_mode_from_the_harvest_prompt(in_cluster_home, tiny_sd
     assert torch.allclose(subconcepts.render(tiny_sd, sub.key, c, [0, 1], steps=4), only, atol=1e-5)  # key or map, any batch size
     close = subconcepts.render(tiny_sd, sub, c, [0, 1], mode="close", steps=4)
     unit = subconcepts.render(tiny_sd, sub, c, [0, 1], mode="scale", scale=1.0, steps=4)
-    from conceptkit.generate import sample
+    from conceptkit.diffusion import sample
 
     base = sample(tiny_sd, "a red circle", [0, 1], 4, tiny_sd.default_guidance)
     assert torch.equal(unit, base) and not torch.equal(close, base) and not torch.equal(only, close)
@@ -259,7 +260,7 @@ def test_render_draws_each_mode_from_the_harvest_prompt(in_cluster_home, tiny_sd
 
 
 def test_vbsc_scores_subconcepts_against_random_groups_of_the_same_sizes(in_cluster_home, tiny_sd):
-    from conceptkit import picasso_eval
+    from conceptkit.evaluate import vbsc as picasso_eval
 
     sub = subconcepts.load(in_cluster_home["key"])
     shuffled = picasso_eval.permuted(sub, 0)

@@ -1,4 +1,4 @@
-"""Domain errors. Each carries the exit code that `cli.py` turns it into."""
+"""Domain errors. Each carries the exit code that `cli/` turns it into."""
 
 from __future__ import annotations
 

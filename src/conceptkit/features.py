@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptkit import hub
 from conceptkit.errors import ModelNotFoundError, UsageError
+from conceptkit.models import hub
+from conceptkit.tensor_files import pickle_weights
+from conceptkit.toy.model import clip_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -157,8 +159,6 @@ class Dinov2Encoder(ImageEncoder):
 
 def check_weights(folder: str, spec: str) -> None:
     """Refuse an encoder folder whose weights are pickles only (.bin, .pt, .ckpt): never loaded."""
-    from conceptkit.tensor_files import pickle_weights
-
     path = Path(folder)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (pickled := pickle_weights(path)):
         raise UsageError(f"--encoder {spec}: {pickled[0]} is a pickled weights file; conceptkit loads only .safetensors "
@@ -243,8 +243,6 @@ def load_encoder(spec: str, model_spec: str | None = None, device: torch.device 
     if kind == "pixel":
         enc: ImageEncoder = PixelEncoder(int(arg) if arg else 8)
     elif kind == "toy":
-        from conceptkit.toy.model import clip_path
-
         folder = Path(arg) if arg else clip_path()
         if not (folder / "config.json").exists():
             raise ModelNotFoundError(f"no toy CLIP at {folder}; train it with `python -m conceptkit.toy.train --stages clip`")

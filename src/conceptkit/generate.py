@@ -1,13 +1,10 @@
-"""Sample images with UNet modifications applied (sliders, sub-concepts), each PNG with its settings.
+"""`conceptkit generate`: sample with sliders, sub-concepts and LoRA files applied, each PNG with its settings.
 
-A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
-and `describe() -> dict`: sliders here (`SliderModification`, applied from the set's start
-fraction of the steps on, as in SliderSpace, Gandikota et al. 2025, Sec. 4) and Picasso
-sub-concepts (`subconcepts.SubconceptModification`, `--subconcept KEY:C[:MODE[:SCALE]]`), and other
-people's LoRA files as peft adapters (`lora_import.LoraModification`, `--lora FILE[:SCALE]`, from step 0).
-Sliders add up (`SliderBank.route_dense`); at strength 0 the image is the base model's, bitwise.
-`--random-sliders N` gives every image its own sparse random combination (the paper's diversity
-experiment, Sec. 5.2) and records it in the PNG.
+The command's orchestration only: the modifications live with their methods (`sliders.apply`,
+`picasso.subconcepts`, `sliders.lora_import`) and are stepped along the denoising loop by
+`diffusion.sample`. Sliders add up; at strength 0 the image is the base model's, bitwise.
+`--random-sliders N` gives every image its own sparse random combination (SliderSpace's diversity
+experiment, Gandikota et al. 2025, Sec. 5.2) and records it in the PNG.
 """
 
 from __future__ import annotations
@@ -15,20 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from conceptkit import store
+from conceptkit import __version__, store
+from conceptkit.diffusion import sample, same_weights
+from conceptkit.errors import UsageError
 from conceptkit.figures import grid_image, with_column_labels
 from conceptkit.infotext import write_png
-from conceptkit.errors import UsageError
-from conceptkit.slider_sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for, slider_path
-from conceptkit.sliders import SliderInfo, SliderSet
+from conceptkit.picasso import subconcepts
+from conceptkit.sliders.apply import SliderModification
+from conceptkit.sliders.lora_import import open_loras, parse_lora
+from conceptkit.sliders.pipeline import SliderInfo, SliderSet
+from conceptkit.sliders.sets import MAX_STRENGTH, SliderRef, load_set, parse_ref, resolve, sets_for
 
 SWEEP_RE = re.compile(r"^(?P<ref>[^=]+)=(?P<lo>[^:]+):(?P<hi>[^:]+):(?P<n>\d+)$")
 Warn = Callable[[str], None]
@@ -98,121 +99,17 @@ class GenerateConfig:
             parse_sweep(self.sweep)
         if self.slider_set is not None:
             store.check_name(self.slider_set, "slider set name")
-        if self.subconcepts:
-            from conceptkit.subconcepts import parse_spec
-
-            for text in self.subconcepts:
-                parse_spec(text)
+        for text in self.subconcepts:
+            subconcepts.parse_spec(text)
         if self.loras:
-            from conceptkit.lora_import import parse_lora
-
             for text in self.loras:
                 parse_lora(text)
         if self.subconcept_grid is not None:
-            from conceptkit.subconcepts import parse_spec
-
             if self.sliders or self.sweep or self.random_sliders or self.subconcepts or self.loras:
                 raise UsageError("--subconcept-grid draws the sub-concepts alone: drop --slider, --sweep, "
                                  "--random-sliders, --subconcept and --lora")
             key, _, mode = self.subconcept_grid.partition(":")
-            parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
-
-
-# ---------------------------------------------------------------- modifications
-
-
-class Modification(Protocol):
-    def set_step(self, i: int, n: int) -> None: ...
-    def remove(self) -> None: ...
-    def describe(self) -> dict[str, Any]: ...
-
-
-class SliderModification:
-    """Sliders of one or more sets on a UNet: weights (K,) for every image or (N, K) per image."""
-
-    def __init__(self, unet, chosen: Sequence[tuple[SliderSet, SliderInfo]], cfg_batches: bool):
-        from conceptkit.slider_lora import SliderLoraConfig, install_sliders
-
-        self.sets: dict[str, SliderSet] = {}
-        self.slots: dict[tuple[str, int], tuple[str, int]] = {}  # (set, index) -> (set, slot)
-        for sset, info in chosen:
-            self.sets.setdefault(sset.name, sset)
-        self.banks = {}
-        for name, sset in self.sets.items():
-            used = sorted({info.index for s, info in chosen if s.name == name})
-            st = sset.manifest["settings"]
-            bank = install_sliders(unet, SliderLoraConfig(len(used), rank=int(st["rank"]), alpha=float(st["alpha"]),
-                                                          target_modules=st["targets"]))
-            for slot, index in enumerate(used):
-                bank.load_slider(slot, slider_path(sset, sset.sliders[index]))
-                self.slots[(name, index)] = (name, slot)
-            self.banks[name] = bank
-        self.cfg_batches = cfg_batches
-        self.weights: dict[str, torch.Tensor] = {}
-        self.active = False
-
-    def set_weights(self, scales: dict[tuple[str, int], float] | list[dict[tuple[str, int], float]]) -> None:
-        """One {(set, index): scale} for every image, or a list of them, one per image."""
-        per_image = scales if isinstance(scales, list) else [scales]
-        for name, bank in self.banks.items():
-            w = torch.zeros(len(per_image), bank.num_sliders, dtype=torch.float64)
-            for n, sc in enumerate(per_image):
-                for (set_name, index), value in sc.items():
-                    if set_name == name:
-                        w[n, self.slots[(set_name, index)][1]] += value
-            if not isinstance(scales, list):
-                w = w[0]
-            elif self.cfg_batches:
-                w = w.repeat(2, 1)  # the UNet batch is [uncond; cond]
-            self.weights[name] = w
-        self._apply()
-
-    def set_step(self, i: int, n: int) -> None:
-        starts = {name: _first_step(sset, n) for name, sset in self.sets.items()}
-        for name, bank in self.banks.items():
-            on = i >= starts[name]
-            bank.set_dense_routing(self.weights.get(name) if on else None)
-
-    def _apply(self) -> None:
-        """New weights take effect at the next `set_step`; until then the UNet is the base model."""
-        for bank in self.banks.values():
-            bank.set_dense_routing(None)
-
-    def remove(self) -> None:
-        for bank in self.banks.values():
-            bank.remove()
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "sliders", "sets": {n: {"path": str(s.path), "prompt": s.prompt, "start": s.manifest.get("start", 0.0)}
-                                            for n, s in self.sets.items()}}
-
-
-def _first_step(sset: SliderSet, n: int) -> int:
-    from conceptkit.slider_train import window_steps
-
-    return window_steps(n, float(sset.manifest.get("start", 0.0)))
-
-
-# ---------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float, mods: Sequence[Modification] = ()) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for `seeds`, with `mods` stepped along the denoising loop."""
-    pipe = model.pipe
-    gen_device = "cpu" if model.device.type == "mps" else model.device
-    gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
-    for m in mods:
-        m.set_step(0, steps)
-
-    def on_step_end(_pipe, i, _t, kwargs):
-        for m in mods:
-            m.set_step(i + 1, steps)
-        return kwargs
-
-    out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-               output_type="pt", callback_on_step_end=on_step_end if mods else None).images
-    return out.float().clamp(0, 1).cpu()
+            subconcepts.parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
 
 
 @dataclass(frozen=True)
@@ -225,7 +122,7 @@ class GenerateResult:
 
 def _check_model(sset: SliderSet, model, force: bool, warn: Warn) -> None:
     m = sset.manifest["model"]
-    if m.get("fingerprint") == model.fingerprint:
+    if same_weights(m, model):
         return
     msg = f"slider set {sset.name!r} was trained for {m.get('spec')} (weights {str(m.get('fingerprint'))[:12]}), not {model.spec}"
     if m.get("arch") != model.arch:
@@ -263,13 +160,9 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     for sset in {s.name: s for s, _ in chosen}.values():
         _check_model(sset, model, cfg.force, warn)
     # 1b. resolve every sub-concept (all checked before any hook goes on)
-    from conceptkit import subconcepts
-
     specs = [subconcepts.parse_spec(text) for text in cfg.subconcepts]
     resolved = [(spec, subconcepts.resolve(spec, model)) for spec in specs]
     # 1c. every --lora file checked against this UNet, then loaded first: slider hooks go on top of its layers
-    from conceptkit.lora_import import open_loras
-
     lmod = open_loras(model, cfg.loras, cfg_batches=guidance > 1.0)
     try:
         mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
@@ -284,7 +177,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     for ref, sset, info in fixed:
         base_scales[(sset.name, info.index)] = base_scales.get((sset.name, info.index), 0.0) + ref.scale
     common = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance,
-              "conceptkit": _version(), **({"modifications": [m.describe() for m in mods]} if mods else {}),
+              "conceptkit": __version__, **({"modifications": [m.describe() for m in mods]} if mods else {}),
               **({"subconcepts": [str(spec) for spec in specs]} if specs else {}),
               **({"loras": lmod.describe()["files"]} if lmod else {})}
     out = Path(cfg.out)
@@ -340,27 +233,19 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
 
 def _subconcept_grid(model, cfg: GenerateConfig, steps: int, guidance: float, identity, progress) -> GenerateResult:
     """One PNG: the unmodified images in the first row, then one row per sub-concept; a column per seed."""
-    from conceptkit import subconcepts
-
     key, _, mode = cfg.subconcept_grid.partition(":")
     spec = subconcepts.parse_spec(f"{key}:0" + (f":{mode}" if mode else ""))
     sub = subconcepts.resolve(spec, model)
     seeds = list(range(cfg.seed, cfg.seed + cfg.count))
-    rows = [sample(model, cfg.prompt, seeds, steps, guidance)]
-    if progress:
-        progress(1, sub.k + 1)
-    for c in range(sub.k):
-        rows.append(subconcepts.render(model, sub, c, seeds, mode=spec.mode, steps=steps, guidance=guidance,
-                                       batch_size=cfg.batch_size, prompt=cfg.prompt))
-        if progress:
-            progress(c + 2, sub.k + 1)
-    settings = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance, "conceptkit": _version(),
+    images = subconcepts.grid(model, sub, seeds, mode=spec.mode, steps=steps, guidance=guidance, batch_size=cfg.batch_size,
+                              prompt=cfg.prompt, progress=progress and (lambda done, k: progress(done + 1, k + 1)))
+    settings = {"prompt": cfg.prompt, "model": identity, "steps": steps, "guidance": guidance, "conceptkit": __version__,
                 "seeds": seeds, "subconcept_grid": {"key": sub.key, "mode": spec.mode, "k": sub.k,
                                                     "rows": ["unmodified"] + [f"sub-concept {c}" for c in range(sub.k)],
                                                     "columns": "seeds"}}
     path = store.inside(Path(cfg.out), f"{store.slugify(cfg.prompt)}-subconcepts-{sub.key[:8]}-{spec.mode}-{_digest(settings)}.png",
                         "--subconcept-grid image")
-    write_png(grid_image(torch.cat(rows), sub.k + 1, len(seeds)), path, settings, model)
+    write_png(grid_image(images, sub.k + 1, len(seeds)), path, settings, model)
     return GenerateResult([{"path": str(path), "seeds": seeds, "subconcept_grid": settings["subconcept_grid"]}], Path(cfg.out))
 
 
@@ -377,9 +262,3 @@ def _describe(scales: dict[tuple[str, int], float], chosen) -> list[dict[str, An
 
 def _digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def _version() -> str:
-    from conceptkit import __version__
-
-    return __version__

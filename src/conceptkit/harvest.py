@@ -21,12 +21,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from conceptkit import capacity, store
+from conceptkit import __version__, capacity, store
+from conceptkit.diffusion import generators
 from conceptkit.errors import StoreError, UsageError
 from conceptkit.harvest_shards import overlaps, problems, shard_name, shard_ranges
-from conceptkit.models import LoadedModel
+from conceptkit.models.load import LoadedModel
+from conceptkit.parallel import barrier, processes
+from conceptkit.settings import IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
 from conceptkit.step_recorder import StepRecorder
 from conceptkit.tensor_files import sha256
+
 RECORDABLE = ("x0", "xt")
 HARVEST_FORMAT = 1
 
@@ -35,10 +39,10 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class HarvestConfig:
-    """What to sample and what to keep. Everything here but `batch_size` is part of the key."""
+    """What to sample and what to keep; every field enters the key unless its metadata says otherwise (`settings`)."""
 
     prompts: tuple[str, ...]
-    samples: int = 8  # trajectories; trajectory i uses seed + i and prompts[i % len(prompts)]
+    samples: int = field(default=8, metadata=IN_MANIFEST_ONLY)  # trajectories; trajectory i uses seed + i and prompts[i % len(prompts)]
     steps: int | None = None  # denoising steps; None: the model's default
     guidance: float | None = None  # classifier-free guidance scale; None: the model's default
     seed: int = 0  # seed of trajectory 0
@@ -48,7 +52,7 @@ class HarvestConfig:
     record: tuple[str, ...] = ("x0", "xt")  # per-step tensors to keep: predicted x0 and the input x_t
     keep_every: int = 1  # keep every k-th step (the last step is always kept)
     store_dtype: str = "float16"  # float16 halves the disk size; float32 keeps it exact
-    batch_size: int = 8  # trajectories per sampler call; does not change the key
+    batch_size: int = field(default=8, metadata=NOT_RECORDED)  # trajectories per sampler call
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -114,10 +118,7 @@ class Harvest:
 
 
 def harvest_key(model: LoadedModel, cfg: HarvestConfig) -> str:
-    settings = asdict(cfg)
-    for transient in ("samples", "batch_size"):
-        settings.pop(transient)
-    return store.make_key({"format": HARVEST_FORMAT, "model": model.identity(), "settings": settings})
+    return store.make_key({"format": HARVEST_FORMAT, "model": model.identity(), "settings": key_settings(cfg)})
 
 
 # ---------------------------------------------------------------- recording
@@ -126,8 +127,7 @@ def harvest_key(model: LoadedModel, cfg: HarvestConfig) -> str:
 def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     """Run the pipeline for trajectories `indices` and return their shard tensors."""
     pipe = model.pipe
-    gen_device = "cpu" if model.device.type == "mps" else model.device
-    generators = [torch.Generator(gen_device).manual_seed(cfg.seed + i) for i in indices]
+    gens = generators(model.device, (cfg.seed + i for i in indices))
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in indices]
     with StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, torch.inference_mode():
         final = pipe(
@@ -137,7 +137,7 @@ def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]
             guidance_scale=cfg.guidance,
             height=cfg.height,
             width=cfg.width,
-            generator=generators,
+            generator=gens,
             output_type="latent",
         ).images
     n_steps = len(rec.timesteps)
@@ -170,12 +170,7 @@ def _batches(indices: list[int], size: int) -> list[list[int]]:
     return out
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch` / torchrun, (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _work(done: list[tuple[int, int]], n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+def _work(done: list[tuple[int, int]], n: int, batch_size: int, proc: int, world: int) -> list[list[int]]:
     """This process's batches of missing trajectories.
 
     Trajectories are cut into fixed chunks [j*B, (j+1)*B); chunk j belongs to process j % world,
@@ -184,7 +179,7 @@ def _work(done: list[tuple[int, int]], n: int, batch_size: int, rank: int, world
     have = {i for a, b in done for i in range(a, b)}
     batches: list[list[int]] = []
     for j, start in enumerate(range(0, n, batch_size)):
-        if j % world == rank:
+        if j % world == proc:
             batches.extend(_batches([i for i in range(start, min(start + batch_size, n)) if i not in have], batch_size))
     return batches
 
@@ -200,23 +195,23 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
     cfg = cfg.resolved(model)
     key = harvest_key(model, cfg)
     art = store.artifact("harvest", key)
-    rank, world = distributed()
+    proc, world = processes()
     started = time.perf_counter()
-    guard = art.lock(on_wait=on_wait) if rank == 0 else contextlib.nullcontext()
+    guard = art.lock(on_wait=on_wait) if proc == 0 else contextlib.nullcontext()
     with guard:
-        _barrier(world)  # the other processes start once the main one holds the lock
+        barrier(world)  # the other processes start once the main one holds the lock
         # 1. what is there already (damaged parts dropped), and this process's share of what is missing
-        if rank == 0:
+        if proc == 0:
             _heal(art, on_wait)
-        _barrier(world)
+        barrier(world)
         previous = art.manifest() if art.exists() else {}
-        batches = _work(shard_ranges(art.path), cfg.samples, cfg.batch_size, rank, world)
+        batches = _work(shard_ranges(art.path), cfg.samples, cfg.batch_size, proc, world)
         mine = sum(len(b) for b in batches)
         timesteps = previous.get("timesteps") or None
         checksums = dict(previous.get("checksums") or {})
         if batches:
             capacity.check_disk(art.path, capacity.harvest_bytes(model, cfg, mine), f"harvesting {mine} trajectories")
-        if batches and rank == 0:
+        if batches and proc == 0:
             # 2. the manifest first, so an interrupted artifact still says what it is
             art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps, checksums=checksums))
         done = 0
@@ -229,7 +224,7 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
             name = shard_name(batch[0], batch[-1] + 1)
             store.write_tensors(art.path / name, tensors, {"format": str(HARVEST_FORMAT)})
             checksums[name] = sha256(art.path / name)
-            if rank == 0:
+            if proc == 0:
                 art.write_manifest(_manifest(model, cfg, art, complete=False, timesteps=timesteps, checksums=checksums))
             done += len(batch)
             if progress:
@@ -238,27 +233,20 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
         if world > 1:
             from accelerate.utils import gather_object
 
-            _barrier(world)
+            barrier(world)
             computed = sum(gather_object([mine]))
             timesteps = timesteps or next((t for t in gather_object([timesteps]) if t), None)
             for part in gather_object([checksums]):
                 checksums.update(part)
         # 4. the manifest records the complete state
-        if rank == 0:
+        if proc == 0:
             manifest = art.manifest() if art.exists() else {}
             if computed or manifest.get("samples", 0) < cfg.samples or not manifest.get("complete"):
                 art.write_manifest(_manifest(model, cfg, art, complete=True, timesteps=timesteps, checksums=checksums))
-        _barrier(world)
+        barrier(world)
         manifest = art.manifest()
-        _barrier(world)  # every process has read the manifest before the main one lets the lock go
+        barrier(world)  # every process has read the manifest before the main one lets the lock go
     return HarvestResult(key, art.path, manifest, cached=computed == 0, computed=computed, seconds=time.perf_counter() - started)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 def _heal(art: store.Artifact, say) -> None:
@@ -276,8 +264,7 @@ def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, co
     ranges = shard_ranges(art.path)
     available = len(set(i for a, b in ranges for i in range(a, b)))
     previous = art.manifest() if art.exists() else {}
-    settings = asdict(cfg)
-    settings.pop("batch_size")
+    settings = manifest_settings(cfg)
     return {
         "created": previous.get("created", time.time()),
         "updated": time.time(),
@@ -299,8 +286,6 @@ def _manifest(model: LoadedModel, cfg: HarvestConfig, art: store.Artifact, *, co
 def _versions() -> dict[str, str]:
     import diffusers
     import transformers
-
-    from conceptkit import __version__
 
     return {"conceptkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
@@ -355,14 +340,3 @@ def load(path: Path, samples: int | None = None, names: Sequence[str] = ("x0", "
         x0=cat.get("x0"),
         xt=cat.get("xt"),
     )
-
-
-@torch.inference_mode()
-def decode(model: LoadedModel, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Decode latents (N, C, h, w) with the model's VAE to images in [0, 1], shape (N, 3, H, W)."""
-    vae = model.pipe.vae
-    images = []
-    for chunk in latents.split(batch_size):
-        chunk = chunk.to(model.device, vae.dtype) / vae.config.scaling_factor
-        images.append(((vae.decode(chunk).sample.float() + 1) / 2).clamp(0, 1).cpu())
-    return torch.cat(images) if images else torch.empty(0)

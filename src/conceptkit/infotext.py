@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from conceptkit import store
 
 NEGATIVE = "Negative prompt:"
 # one `Key: value` pair: a key of word characters, spaces, '-' and '/', then a JSON string or anything up to the next comma
@@ -119,8 +120,6 @@ def _file_sha256(path: str, _size: int, _mtime_ns: int) -> str:
 
 def slider_lora_name(set_name: str, index: int, label: str) -> str:
     """The kohya file name (without .safetensors) `sliders export` gives slider `index` of a set."""
-    from conceptkit import store
-
     return f"{set_name}-{index:02d}-{store.slugify(label)}"
 
 
@@ -149,8 +148,6 @@ def write_png(image, path, settings: dict, model) -> None:
     import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
-
-    from conceptkit import store
 
     arr = (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
     info = PngInfo()

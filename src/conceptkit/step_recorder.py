@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conceptkit.errors import UsageError
+from conceptkit.diffusion import x0_from_output
 
 
 class StepRecorder:
@@ -31,7 +31,7 @@ class StepRecorder:
             if x0 is None:
                 x0 = getattr(out, "denoised", None)
             if x0 is None:
-                x0 = self._x0_from_output(model_output, timestep, sample)
+                x0 = x0_from_output(self.scheduler, model_output, sample, timestep)
             self.timesteps.append(int(timestep))
             self.x0.append(x0.detach())
             if self.keep_xt:
@@ -43,16 +43,3 @@ class StepRecorder:
 
     def __exit__(self, *exc) -> None:
         del self.scheduler.step  # drop the instance attribute: the class method shows again
-
-    def _x0_from_output(self, model_output, timestep, sample) -> torch.Tensor:
-        config = self.scheduler.config
-        alphas = getattr(self.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise UsageError(f"cannot read x0 from scheduler {type(self.scheduler).__name__}; use DDIM, DDPM, Euler or LCM")
-        a = alphas.to(sample.device)[int(timestep)].to(sample.dtype)
-        kind = config.get("prediction_type", "epsilon")
-        if kind == "epsilon":
-            return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
-        if kind == "v_prediction":
-            return a.sqrt() * sample - (1 - a).sqrt() * model_output
-        return model_output

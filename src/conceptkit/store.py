@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit import __version__
-from conceptkit.jsondata import finite_json
 from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError, StoreError, UsageError
+from conceptkit.jsondata import finite_json
 from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest
 
 APP = "conceptkit"

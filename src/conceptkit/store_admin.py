@@ -19,6 +19,7 @@ from typing import Any
 import filelock
 import numpy as np
 
+from conceptkit import harvest_shards
 from conceptkit.errors import ArtifactNotFoundError, DamagedArtifactError
 from conceptkit.store import KINDS, Artifact, check_name, kind_dir, remove_tree
 from conceptkit.store_schema import model_spec
@@ -141,8 +142,6 @@ def _npy_problem(path: Path) -> str | None:
 
 def _files_problems(art: Artifact, m: dict[str, Any]) -> list[str]:
     """Problems with the files a manifest names, by kind, then with every tensor file's header."""
-    from conceptkit import harvest_shards
-
     out: list[str] = []
     if art.kind == "harvest":
         out += list(harvest_shards.problems(art.path, m).values())

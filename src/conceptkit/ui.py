@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -110,6 +110,23 @@ def progress(description: str, unit: str = "it", enabled: bool = True) -> Iterat
             bar.update(task, total=total, completed=done, extra=extra)
 
     with bar:
+        yield update
+
+
+@contextmanager
+def stage_progress(units: dict[str, str], enabled: bool = True) -> Iterator:
+    """One bar per stage, opened when the stage first reports and closed when the next one does;
+    yields `update(stage, done, total)` for a library call that runs several stages."""
+    with ExitStack() as stack:
+        current: dict[str, Any] = {"stage": None, "update": None}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage != current["stage"]:
+                stack.close()
+                current["stage"] = stage
+                current["update"] = stack.enter_context(progress(stage, unit=units.get(stage.split()[0], "it"), enabled=enabled))
+            current["update"](done, total)
+
         yield update
 
 

@@ -25,7 +25,7 @@ from conceptkit.errors import UsageError
 
 def _with_embedding(loaded, embedding, token, prompts):
     """The model with a textual-inversion token added (--embedding/--token), or unchanged."""
-    from conceptkit import textual_inversion
+    from conceptkit.models import textual_inversion
 
     if embedding is None:
         return loaded
@@ -52,13 +52,6 @@ def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device,
     with ui.progress("harvest", unit="samples", enabled=bar_on) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     return loaded, result.path
-
-
-def _reference_images(loaded, harvest_path: Path, n: int = 4):
-    """The first `n` final samples of the harvest, decoded: (n, 3, H, W) in [0, 1]."""
-    from conceptkit import harvest as stage
-
-    return stage.decode(loaded, stage.load(harvest_path, samples=n, names=()).final).numpy()
 
 
 @app.command()
@@ -95,7 +88,10 @@ def cluster(
     json_out: JsonOpt = False,
 ) -> None:
     """Cluster a concept's neurons into sub-concepts (Picasso): importance per timestep, high-pass, PCA, fuzzy c-means."""
-    from conceptkit import concept_neurons, picasso, picasso_plots, textual_inversion
+    from conceptkit.models import textual_inversion
+    from conceptkit.picasso import cluster as picasso
+    from conceptkit.picasso import neurons as concept_neurons
+    from conceptkit.picasso import pipeline
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded
@@ -109,48 +105,13 @@ def cluster(
     sweeps = {name: picasso.parse_range(text, name.replace("_", "-"), integer=name != "tau")
               for name, text in (("k", sweep_k), ("tau", sweep_tau), ("temporal_dim", sweep_temporal_dim)) if text}
     bar_on = not json_out or sys.stderr.isatty()
-    # 2. harvest and neuron statistics (both cached)
+    # 2. the harvest (cached), then Picasso: neuron statistics (cached), clustering, sweeps, one artifact
     loaded, harvest_path = _harvest(prompt, harvest, model, samples, steps, guidance, seed, device, dtype, config, bar_on,
                                     embedding, token)
-    with ui.progress("neurons", unit="steps", enabled=bar_on) as bar:
-        neurons = concept_neurons.run(loaded, harvest_path, ncfg, progress=bar, on_wait=ui.info)
-    stats = neurons.stats
-    # 3. cluster and sweep (sweep plots go to --plots, outside the artifact)
-    res = picasso.cluster(stats, ccfg)
-    sweep_out, sweep_images = {}, {}
-    for name, values in sweeps.items():
-        with ui.progress(f"sweep {name}", unit="fits", enabled=bar_on) as bar:
-            points = picasso.sweep(stats, ccfg, name, values, progress=bar)
-        sweep_out[name] = [{"value": p.value, "n_neurons_kept": p.n_kept, "metrics": picasso.scores_dict(p.scores, p.seconds),
-                            **({"error": p.error} if p.error else {})} for p in points]
-        if plots is not None:
-            sweep_images[f"sweep_{name}"] = picasso_plots.sweep(plots / f"sweep-{name}.png", name, points)
-
-    def figures(folder: Path) -> dict[str, str]:
-        return {
-            "centre_maps": picasso_plots.centre_maps(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={k}"),
-            "segmentation": picasso_plots.segmentation(folder / "segmentation.png", res.segmentation, k,
-                                                       references=_reference_images(loaded, harvest_path)),
-            "similarity": picasso_plots.similarity(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
-                                                   res.similarity.cluster_jaccard, [int(t) for t in stats.timesteps]),
-        }
-
-    def describe(key: str, folder: Path, arrays: dict, images: dict) -> dict:
-        return {
-            "key": key, "path": str(folder), "harvest": harvest_path.name, "neurons": neurons.key, "model": loaded.spec,
-            "prompts": stats.manifest["prompts"], "concept_tokens": stats.manifest["concept_tokens"], "importance": importance,
-            "tau": tau, "tau_mode": tau_mode, "k": k, "temporal_dim": temporal_dim, "pca_dim": int(res.features.shape[1]),
-            "fuzziness": fuzziness, "seed": seed, "timesteps": [int(t) for t in stats.timesteps], "n_neurons": stats.n_neurons,
-            "n_neurons_kept": len(res.selection.neuron), "metrics": picasso.scores_dict(res.scores, res.clustering.seconds),
-            "fcm_iterations": res.clustering.n_iter, "clusters": picasso.cluster_rows(stats, res), "arrays": arrays,
-            "images": {**images, **sweep_images}, "sweeps": sweep_out, "neurons_bytes_per_step": stats.manifest.get("bytes_per_step"),
-            **({"embedding": {"path": str(embedding), "token": token}} if embedding is not None else {}),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-
-    # 4. arrays, figures and manifest: one artifact, written whole
-    key, folder, arrays, images = picasso.save(stats, res, on_wait=ui.info, figures=figures, describe=describe)
-    doc = {**describe(key, folder, arrays, images), "seconds": round(time.perf_counter() - started, 3)}
+    with ui.stage_progress({"neurons": "steps", "sweep": "fits"}, enabled=bar_on) as bar:
+        doc = pipeline.run(loaded, harvest_path, ncfg, ccfg, sweeps=sweeps, plots_dir=plots, progress=bar, on_wait=ui.info,
+                           embedding={"path": str(embedding), "token": token} if embedding is not None else None)
+    doc["seconds"] = round(time.perf_counter() - started, 3)  # the whole command, harvest included
     if json_out:
         ui.print_json(doc)
         return

@@ -167,8 +167,9 @@ def load(model: str | None, device: str, dtype: str, config: Path | None, encode
     """
     import torch
 
-    from conceptkit import features, hub
-    from conceptkit.models import hub_needs, load_model, resolve_device, resolve_dtype
+    from conceptkit import features
+    from conceptkit.models import hub
+    from conceptkit.models.load import hub_needs, load_model, resolve_device, resolve_dtype
 
     spec = model_spec(model)
     half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
@@ -197,7 +198,7 @@ def main(
     ] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Download nothing: use the local Hugging Face cache only (as HF_HUB_OFFLINE=1 does).")] = False,
 ) -> None:
-    from conceptkit import hub
+    from conceptkit.models import hub
 
     _state["verbose"] = verbose
     hub.set_offline(offline)

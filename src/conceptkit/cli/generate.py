@@ -49,7 +49,7 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Draw images, optionally with sliders added or sub-concepts edited; every PNG carries its full settings."""
-    from conceptkit import textual_inversion
+    from conceptkit.models import textual_inversion
     from conceptkit.generate import GenerateConfig, run
 
     cfg = GenerateConfig(prompt=prompt, count=count, seed=seed, steps=steps, guidance=guidance, out=out,

@@ -65,6 +65,7 @@ def harvest(
 ) -> None:
     """Sample a concept and record every step's predicted clean latent (x0). Cached and resumable."""
     from conceptkit import harvest as stage
+    from conceptkit.parallel import processes
 
     cfg = stage.HarvestConfig(
         prompts=_read_prompts(prompt, prompts_file, templates),
@@ -80,15 +81,15 @@ def harvest(
         store_dtype=store_dtype,
         batch_size=batch_size,
     )
-    rank, world = stage.distributed()
+    proc, world = processes()
     if world > 1 and device == "auto":  # under `accelerate launch`: this process's own device
         from accelerate import PartialState
 
         device = str(PartialState().device)
     loaded = load(model, device, dtype, config)
-    with ui.progress("harvest", unit="samples", enabled=rank == 0 and (not json_out or sys.stderr.isatty())) as bar:
+    with ui.progress("harvest", unit="samples", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
-    if rank != 0:  # one report per launch, from the main process
+    if proc != 0:  # one report per launch, from the main process
         return
     m = result.manifest
     images = _save_images(loaded, result.path, save_images, cfg.samples) if save_images else []
@@ -126,13 +127,14 @@ def _save_images(model, path: Path, out_dir: Path, samples: int) -> list[Path]:
     from PIL import Image, PngImagePlugin
 
     from conceptkit import harvest, store
+    from conceptkit.diffusion import decode_batched
 
     h = harvest.load(path, samples=samples, names=())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot write images to {out_dir}: {exc.strerror or exc}") from exc
-    images = harvest.decode(model, h.final.float())
+    images = decode_batched(model, h.final.float())
     files = []
     for img, seed, p in zip(images, h.seeds.tolist(), h.prompt_index.tolist()):
         info = PngImagePlugin.PngInfo()

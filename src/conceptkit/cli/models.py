@@ -10,7 +10,7 @@ from conceptkit.cli.common import JsonOpt, app, command
 @command
 def models(json_out: JsonOpt = False) -> None:
     """List the built-in models and what each is for, and the toy world's factors and vocabulary."""
-    from conceptkit.models import builtin_models
+    from conceptkit.models.load import builtin_models
     from conceptkit.toy import describe
 
     items = builtin_models()

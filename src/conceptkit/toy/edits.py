@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from conceptkit.diffusion import window_steps
+from conceptkit.toy.world import prompt
 
 # (factor, value at -s, value at +s): one pair per core factor
 EDITS = (("colour", "red", "blue"), ("shape", "circle", "square"), ("size", "small", "large"), ("horizontal", "left", "right"))
@@ -45,8 +47,6 @@ def draw(model, prompt: str, text: str, seeds: Sequence[int], steps: int, guidan
 def edit_images(model, sset, seeds: Sequence[int], *, batch_size: int = 32,
                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every pair of `EDITS` on `seeds`, with the set's prompt, steps, guidance and window: two (E, n, 3, H, W) tensors."""
-    from conceptkit.slider_train import window_steps
-    from conceptkit.toy.world import prompt
 
     steps, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
     first = window_steps(steps, float(sset.manifest.get("start", 0.1)))

@@ -1,7 +1,7 @@
 """Factor recovery on the toy world: which known factor each slider moves, read by the toy analyser.
 
 For each slider, the same seeds are drawn at -s and +s; the deterministic analyser reads shape,
-colour, size, position and background from both, and `slider_labels.factor_recovery` counts how
+colour, size, position and background from both, and `factor_recovery` counts how
 often each factor group changes (SliderSpace, Gandikota et al. 2025, Sec. 5: a slider should move
 one factor, and together the sliders should cover the factors). Used by `conceptkit evaluate
 sliders` on the toy model and by `bench/sliders.py factors`.
@@ -10,9 +10,13 @@ sliders` on the toy model and by `bench/sliders.py factors`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from conceptkit.metrics import normalised_entropy
+from conceptkit.toy import FACTORS, analyse_batch
+from conceptkit.toy.distribution import FLOOR_SPLITS, distribution_recovery
 
 # Factor groups the table reports; position joins the two position factors.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -22,21 +26,58 @@ GROUPS: dict[str, tuple[str, ...]] = {
 CORE = ("colour", "shape", "size", "position")  # the factors "a shape" leaves free; coverage counts these
 
 
+# ---------------------------------------------------------------- factor recovery
+
+
+@dataclass(frozen=True)
+class FactorRecovery:
+    """Which known factor each slider moves (acceptance measure on the toy world)."""
+
+    factors: tuple[str, ...]  # factor groups, e.g. ("shape", "colour", "size", "position", "background")
+    change: np.ndarray  # (S, F) share of seeds whose reading of the factor differs between -s and +s
+    main: list[str | None]  # the factor each slider moves most (None: it moves nothing)
+    purity: np.ndarray  # (S,) change[main] / sum(change)
+    valid: np.ndarray  # (S,) share of seeds read validly at both ends
+
+
+def factor_recovery(minus: list[list[dict | None]], plus: list[list[dict | None]], groups: dict[str, tuple[str, ...]],
+                    min_change: float = 0.05) -> FactorRecovery:
+    """Per slider, how often each factor group changes between the images at -s and +s.
+
+    Args:
+        minus, plus: [slider][seed] the factors read from each image (name -> value), None when unreadable.
+        groups: factor group -> the reading's keys it covers, e.g. {"position": ("horizontal", "vertical")}.
+        min_change: a slider whose largest change rate is below this moves nothing (main None).
+    """
+    names = tuple(groups)
+    change = np.zeros((len(minus), len(names)))
+    valid = np.zeros(len(minus))
+    for s, (lo, hi) in enumerate(zip(minus, plus)):
+        pairs = [(a, b) for a, b in zip(lo, hi) if a is not None and b is not None]
+        valid[s] = len(pairs) / max(1, len(lo))
+        for j, name in enumerate(names):
+            if pairs:
+                change[s, j] = np.mean([any(a.get(k) != b.get(k) for k in groups[name]) for a, b in pairs])
+    total = change.sum(1)
+    main = [names[int(np.argmax(row))] if row.max() >= min_change else None for row in change]
+    purity = np.where(total > 0, change.max(1) / np.maximum(total, 1e-12), 0.0)
+    return FactorRecovery(names, change, main, purity, valid)
+
+
+# ---------------------------------------------------------------- the toy's readings
+
+
 def read(images_uint8: np.ndarray) -> list[dict[str, Any] | None]:
     """The analyser's factors per image, None where it refuses to read the image.
 
     Args:
         images_uint8: (N, 32, 32, 3) uint8.
     """
-    from conceptkit.toy import analyse_batch
-
     return [r.factors if r.valid else None for r in analyse_batch(images_uint8)]
 
 
 def word_factor() -> dict[str, str]:
     """Toy vocabulary word -> its factor group ('left' -> 'position')."""
-    from conceptkit.toy import FACTORS
-
     return {v: ("position" if f in ("horizontal", "vertical") else f) for f, vs in FACTORS.items() for v in vs}
 
 
@@ -53,8 +94,6 @@ def table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], indices: Sequ
     seeds whose reading of each factor changes, and the share read validly at both ends; overall the
     core factors covered, mean purity and how many labels name the main factor.
     """
-    from conceptkit.slider_labels import factor_recovery
-
     rec = factor_recovery([read(m) for m in minus], [read(p) for p in plus], GROUPS)
     covered = sorted({m for m in rec.main if m in CORE})
     words = word_factor()
@@ -73,8 +112,6 @@ def table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], indices: Sequ
 def entropy(images_uint8: np.ndarray) -> dict[str, Any]:
     """How evenly a set of images spreads over each factor's values: the normalised entropy of the analyser's
     readings (0: one value, 1: uniform; `metrics.normalised_entropy`), over the images it can read."""
-    from conceptkit.metrics import normalised_entropy
-    from conceptkit.toy import FACTORS
 
     ok = [r for r in read(images_uint8) if r is not None]
     return {"valid": len(ok) / max(1, len(images_uint8)),
@@ -90,8 +127,6 @@ def codes(images_uint8: np.ndarray) -> np.ndarray:
     Args:
         images_uint8: (N, 32, 32, 3) uint8.
     """
-    from conceptkit.toy import FACTORS
-
     out = np.full((len(images_uint8), len(FACTORS)), -1, np.int64)
     for i, r in enumerate(read(images_uint8)):
         if r is not None:
@@ -112,8 +147,6 @@ def distribution_table(minus: Sequence[np.ndarray], plus: Sequence[np.ndarray], 
     consistency (share of seeds moving to its +s value); overall the means over the sliders with an
     effect above the floor, coverage of the core factors and labels naming the main factor.
     """
-    from conceptkit.toy import FACTORS
-    from conceptkit.toy.distribution import FLOOR_SPLITS, distribution_recovery
 
     raw = list(FACTORS)
     groups = {g: tuple(raw.index(k) for k in keys) for g, keys in GROUPS.items()}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from conceptkit.errors import ModelNotFoundError
+from conceptkit.tokenizer import build_clip_tokenizer
 from conceptkit.toy.world import IMAGE_SIZE, vocabulary
 
 CONTEXT_LENGTH = 16  # tokens of text context (BOS + at most 12 words + EOS + padding)
@@ -68,8 +70,6 @@ class ToyArchitecture:
 
 def build_tokenizer():
     """The toy CLIP tokenizer: every word of the world's captions is one token."""
-    from conceptkit.tokenizer import build_clip_tokenizer
-
     return build_clip_tokenizer(vocabulary(), max_length=CONTEXT_LENGTH)
 
 
@@ -162,8 +162,6 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu"):
     """
     from diffusers import StableDiffusionPipeline
 
-    from conceptkit.errors import ModelNotFoundError
-
     folder = Path(path) if path is not None else weights_path()
     if not (folder / "model_index.json").exists():
         raise ModelNotFoundError(f"no toy weights at {folder}; train them with `python -m conceptkit.toy.train`")
@@ -179,8 +177,6 @@ def load_clip(path: str | Path | None = None):
         path: folder holding the CLIP (`config.json`, safetensors, tokenizer files); `clip_path()` when None.
     """
     from transformers import CLIPModel, CLIPTokenizer
-
-    from conceptkit.errors import ModelNotFoundError
 
     folder = Path(path) if path is not None else clip_path()
     if not (folder / "config.json").exists():

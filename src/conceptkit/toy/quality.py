@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from conceptkit.toy.analyse import Reading, analyse_batch
+from conceptkit.toy.data import make_pool
 from conceptkit.toy.model import load_clip, load_pipeline, sampling_defaults, weights_path
+from conceptkit.toy.train_clip import zero_shot_accuracy
 from conceptkit.toy.world import FACTORS, caption, sample_scenes
 
 BARS = {"fidelity": 0.9, "diversity": 0.8, "clip_zero_shot": 0.95, "speed_s": 15.0}
@@ -110,8 +112,6 @@ def measure(config: QualityConfig, weights: str | Path | None = None, log=lambda
         log(f"diversity {res['diversity']} valid {res['diversity_valid']:.3f}")
     # 3. toy CLIP zero-shot accuracy on generator images
     if config.clip_images:
-        from conceptkit.toy.data import make_pool
-        from conceptkit.toy.train_clip import zero_shot_accuracy
 
         clip, tok = load_clip(Path(weights) / "clip" if weights is not None else None)
         pool = make_pool(config.clip_images, seed=20_000 + config.seed)

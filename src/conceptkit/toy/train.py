@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from conceptkit.toy.checkpoint import replace_folder
-from conceptkit.toy.model import ToyArchitecture, weights_path
+from conceptkit.toy.data import make_pool
+from conceptkit.toy.model import ToyArchitecture, load_clip, weights_path
 from conceptkit.toy.train_clip import ClipTrainConfig, train_clip, zero_shot_accuracy
+from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
 from conceptkit.toy.train_vae import VaeTrainConfig, reconstruction_report, train_vae
 
 STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "clip-contrast", "unet")
@@ -40,8 +42,6 @@ def export_clip(model, tokenizer, folder: Path) -> None:
 
 def run_clip(args, arch: ToyArchitecture) -> None:
     """Stage clip: train, report zero-shot accuracy, export."""
-    from conceptkit.toy.data import make_pool
-
     config = ClipTrainConfig(steps=args.clip_steps, seed=args.seed)
     model, tok = train_clip(config, arch, args.workdir / "clip", log=_log)
     test = make_pool(2000, seed=args.seed + 777)
@@ -53,8 +53,6 @@ def run_clip(args, arch: ToyArchitecture) -> None:
 
 def _finetune_clip(args, arch: ToyArchitecture, stage: str, config: ClipTrainConfig, export: str, report: str) -> None:
     """Fine-tune the exported CLIP as stage `stage`, report its zero-shot accuracy, export it to `export/<export>`."""
-    from conceptkit.toy.data import make_pool
-    from conceptkit.toy.model import load_clip
 
     model, tok = train_clip(config, arch, args.workdir / stage, log=_log, init=load_clip(args.workdir / "export" / "clip"))
     test = make_pool(2000, seed=args.seed + 777)
@@ -120,8 +118,6 @@ def run_vae_decoder(args, arch: ToyArchitecture) -> None:
 
 def run_unet(args, arch: ToyArchitecture) -> None:
     """Stage unet: train on precomputed latents, exporting the pipeline at each checkpoint."""
-    from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
-
     # a coupled line names fewer factors and draws half its batch from the noisier half of the
     # schedule: the noise-to-factor mapping it must learn only matters there, for unnamed factors
     coupled = dict(coupled=True, p_mention=0.5, high_t_share=0.5) if args.unet_coupled else {}

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conceptkit.toy import coupling
 from conceptkit.toy.checkpoint import flatten_optimizer, load_latest, prefixed, restore_optimizer, replace_folder, save_checkpoint, unprefixed
 from conceptkit.toy.data import captions_for, draw_mentions, make_pool, step_generator, step_rng
 from conceptkit.toy.model import ToyArchitecture, build_scheduler, build_unet
 from conceptkit.toy.train_clip import tokenize
 from conceptkit.toy.train_vae import encode_latents
-from conceptkit.toy import coupling
 from conceptkit.toy.world import FACTORS, sample_scenes
 
 

@@ -1,0 +1,185 @@
+"""The model-side steps every method shares, written once: prompt conditioning (SD and SDXL),
+x0 from a model output and the training target by prediction type, the VAE both ways, seeded
+generators, frozen weights, the same-weights check, and sampling with modifications.
+
+A modification is anything with `set_step(i, n)` (called before denoising step i of n), `remove()`
+and `describe() -> dict`: sliders (`sliders.apply`), Picasso sub-concepts (`picasso.subconcepts`)
+and other people's LoRA files (`sliders.lora_import`). `sample` steps them along the denoising loop
+through the pipeline's own `callback_on_step_end`, so the current step is known one way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from conceptkit.errors import UsageError
+
+# ---------------------------------------------------------------- seeds
+
+
+def generators(device: torch.device, seeds: Iterable[int]) -> list[torch.Generator]:
+    """One seeded generator per image; on MPS they live on the CPU (MPS generators are not reproducible)."""
+    where = "cpu" if torch.device(device).type == "mps" else device
+    return [torch.Generator(where).manual_seed(int(s)) for s in seeds]
+
+
+# ---------------------------------------------------------------- frozen weights
+
+
+def save_requires_grad(params: Iterable[torch.nn.Parameter]) -> list[tuple[torch.nn.Parameter, bool]]:
+    """The parameters' requires_grad flags, to give back with `restore_requires_grad`."""
+    return [(p, p.requires_grad) for p in params]
+
+
+def restore_requires_grad(saved: Iterable[tuple[torch.nn.Parameter, bool]]) -> None:
+    for p, flag in saved:
+        p.requires_grad_(flag)
+
+
+@contextmanager
+def frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """No gradients for the modules' weights inside the block; their own flags come back after it."""
+    saved = save_requires_grad(p for m in modules if m is not None for p in m.parameters())
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        restore_requires_grad(saved)
+
+
+# ---------------------------------------------------------------- prediction types
+
+
+def _alpha_bar(scheduler, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise UsageError(f"cannot read x0 from scheduler {type(scheduler).__name__}; use DDIM, DDPM, Euler or LCM")
+    if isinstance(t, torch.Tensor) and t.ndim:
+        return alphas.to(like.device)[t.long()].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return alphas.to(like.device)[int(t)].to(like.dtype)
+
+
+def x0_from_output(scheduler, output: torch.Tensor, sample: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """The clean-image estimate from the UNet's output at (x_t = `sample`, t), by the scheduler's prediction type."""
+    a = _alpha_bar(scheduler, t, sample)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * output
+    return output
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output at x_t = add_noise(x0, noise, t): the inverse of `x0_from_output`."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+def decode(model, latents: torch.Tensor) -> torch.Tensor:
+    """Differentiable VAE decode: (N, C, h, w) scaled latents -> (N, 3, H, W) images in [0, 1] (fp32)."""
+    vae = model.pipe.vae
+    img = vae.decode(latents.to(model.device, vae.dtype) / vae.config.scaling_factor).sample.float()
+    return ((img + 1) / 2).clamp(0, 1)
+
+
+@torch.inference_mode()
+def decode_batched(model, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """`decode` in chunks without gradients; the images come back on the CPU."""
+    images = [decode(model, chunk).cpu() for chunk in latents.split(batch_size)]
+    return torch.cat(images) if images else torch.empty(0)
+
+
+@torch.no_grad()
+def encode(model, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] -> scaled latents (posterior mean), fp32 on the CPU."""
+    vae = model.pipe.vae
+    out = [vae.encode(c.to(model.device, vae.dtype)).latent_dist.mean for c in images.split(batch_size)]
+    return torch.cat(out).float().cpu() * vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning of the UNet for each prompt: (P, L, D) cond and uncond, SDXL extras."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None  # None: no classifier-free guidance
+    added_cond: dict | None = None  # SDXL: {"text_embeds": (P, ...), "time_ids": (P, 6)} for [cond]
+    added_uncond: dict | None = None
+
+
+def sdxl_time_ids(height: int, width: int, n: int, device, dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning (original size, crop (0, 0), target size) for n images: (n, 6)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).repeat(n, 1)
+
+
+@torch.no_grad()
+def conditioning(model, prompts: Sequence[str], height: int, width: int, guidance: bool) -> Conditioning:
+    """Prompt embeddings as the pipeline makes them (empty negative prompt when `guidance`)."""
+    pipe, device = model.pipe, model.device
+    out = pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=guidance, negative_prompt=None)
+    if model.arch != "sdxl":
+        pe, npe = out[0], out[1]
+        return Conditioning(pe, npe if guidance else None)
+    pe, npe, pooled, npooled = out
+    ids = sdxl_time_ids(height, width, len(prompts), device, pe.dtype)
+    return Conditioning(pe, npe if guidance else None, {"text_embeds": pooled, "time_ids": ids},
+                        {"text_embeds": npooled, "time_ids": ids} if guidance else None)
+
+
+# ---------------------------------------------------------------- the same weights
+
+
+def same_weights(identity: dict[str, Any] | None, model) -> bool:
+    """Was an artifact (its manifest's `model` record) made with exactly these weights?"""
+    return (identity or {}).get("fingerprint") == model.fingerprint
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def window_steps(n_steps: int, start: float) -> int:
+    """Index of the first of `n_steps` denoising steps a modification acts on from fraction `start` of
+    them on (at least 0, at most n_steps - 1): SliderSpace's slider window."""
+    return min(n_steps - 1, round(start * n_steps))
+
+
+class Modification(Protocol):
+    def set_step(self, i: int, n: int) -> None: ...
+    def remove(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+@torch.no_grad()
+def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float, mods: Sequence[Modification] = ()) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for `seeds`, with `mods` stepped along the denoising loop."""
+    pipe = model.pipe
+    gens = generators(model.device, seeds)
+    for m in mods:
+        m.set_step(0, steps)
+
+    def on_step_end(_pipe, i, _t, kwargs):
+        for m in mods:
+            m.set_step(i + 1, steps)
+        return kwargs
+
+    out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="pt", callback_on_step_end=on_step_end if mods else None).images
+    return out.float().clamp(0, 1).cpu()

@@ -1,0 +1,1 @@
+"""`conceptkit evaluate`: the papers' measurements of slider sets, image folders and sub-concepts."""

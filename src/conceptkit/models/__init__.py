@@ -1,0 +1,1 @@
+"""Loading text-to-image pipelines: built-ins, hub ids, folders, single files (docs/architecture.md)."""
