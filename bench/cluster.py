@@ -124,7 +124,7 @@ def vbsc_main(argv: list[str]) -> None:
     doc = pipeline.run(model, made.path, NeuronConfig(), ClusterConfig(tau=float(args.tau), k=int(args.k)))
     cmd = [sys.executable, "-m", "conceptkit", "cluster", args.prompt, "--model", args.model, "--tau", args.tau, "--k", args.k,
            "--samples", str(args.samples)]
-    sub = subconcepts.load(doc["key"])
+    sub = subconcepts.load_map(doc["key"])
     cfg = picasso_eval.VbscConfig(images=args.images, draws=args.draws, modes=tuple(args.modes.split(",")), encoder=args.encoder)
     res = picasso_eval.vbsc(model, sub, cfg, progress=lambda d, t: print(f"\r{d}/{t} groups", end="", file=sys.stderr))
     print(file=sys.stderr)

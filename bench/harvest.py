@@ -64,7 +64,7 @@ def measure(model, *, prompt: str, samples: int, steps: int, batch_size: int, gu
     for rep in range(repeats):
         a = timed("plain", plain)
         b = timed("ours", ours, rep)
-        same = same and torch.allclose(a.float().cpu(), harvest.load(b, names=()).final.float(), atol=1e-5)
+        same = same and torch.allclose(a.float().cpu(), harvest.load_harvest(b, names=()).final.float(), atol=1e-5)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "bench": "harvest",

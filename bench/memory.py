@@ -35,7 +35,7 @@ def child(a) -> dict:
     os.environ["CONCEPTKIT_HOME"] = tempfile.mkdtemp(prefix="ck-mem-")
     model = load_model(SPEC[a.arch], device=a.device, dtype=a.dtype)
     cuda = model.device.type == "cuda"
-    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=("a cat",), samples=2, steps=a.steps,
+    h = harvest.load_harvest(harvest.run(model, harvest.HarvestConfig(prompts=("a cat",), samples=2, steps=a.steps,
                                                               height=a.size, width=a.size)).path)
     g = model.default_guidance
     side = h.final.shape[-2] * model.pipe.vae_scale_factor

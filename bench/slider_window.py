@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from conceptkit.sliders.apply import SliderModification
     from conceptkit.sliders.lora_import import LoraModification, inspect_lora, parse_lora
     from conceptkit.models.load import load_model
-    from conceptkit.sliders.sets import export_kohya
+    from conceptkit.sliders.sets import export_set
     from conceptkit.diffusion import window_steps
     from conceptkit.sliders.train import TrainSettings
     from conceptkit.sliders.pipeline import SlidersConfig
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         # 1. a set, trained briefly, and its kohya export
         sset = train(model, SlidersConfig("a shape", count=args.count, samples=args.samples, encoder="pixel", steps=args.steps,
                                           train=TrainSettings(steps=args.train_steps, pairs=2, lr=2e-2, start=args.start)))
-        files = export_kohya(sset.name, Path(tmp) / "kohya")
+        files = export_set(sset.name, Path(tmp) / "kohya")
         n, guidance = int(sset.manifest["steps"]), float(sset.manifest["guidance"])
         seeds = list(range(args.seeds))
         base = sample(model, sset.prompt, seeds, n, guidance)

@@ -97,7 +97,7 @@ def ratio(model, *, count: int, pairs: int, repeat: int, encoder: str = "pixel",
         train_step,
     )
 
-    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=(PROMPT,), samples=samples, steps=steps,
+    h = harvest.load_harvest(harvest.run(model, harvest.HarvestConfig(prompts=(PROMPT,), samples=samples, steps=steps,
                                                               height=size, width=size)).path)
     g = model.default_guidance
     cond = encode_conditioning(model, [PROMPT], g, (h.final.shape[-2] * model.pipe.vae_scale_factor,) * 2)

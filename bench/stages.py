@@ -103,7 +103,7 @@ def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, 
     for n in samples:
         hcfg = harvest.HarvestConfig(prompts=(sset.prompt,), samples=n, steps=st["steps"], guidance=st["guidance"],
                                      seed=st["seed"], record=("x0", "xt"))
-        h = harvest.load(harvest.run(model, hcfg).path, samples=n)
+        h = harvest.load_harvest(harvest.run(model, hcfg).path, samples=n)
         steps = h.x0.shape[1]
         emb = encoder.embed(decode_batched(model, h.x0.flatten(0, 1).float())).numpy().reshape(n, steps, -1)
         first = window_steps(steps, float(sset.manifest.get("start", 0.1)))

@@ -30,7 +30,7 @@ def _cfg(**kw):
 
 def test_records_every_step(tiny_sd):
     res = harvest.run(tiny_sd, _cfg())
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     n, c = 6, tiny_sd.pipe.unet.config.in_channels
     assert h.x0.shape[:3] == (n, 4, c) and h.xt.shape == h.x0.shape
     assert h.final.shape == (n, *h.x0.shape[2:])
@@ -42,7 +42,7 @@ def test_records_every_step(tiny_sd):
 def test_recorded_x0_is_the_models_prediction(tiny_sd):
     """Recompute one step's x0 from the UNet by hand and compare with what was recorded."""
     res = harvest.run(tiny_sd, _cfg(samples=2, store_dtype="float32"))
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     pipe = tiny_sd.pipe
     step = 2
     t = int(h.timesteps[step])
@@ -59,7 +59,7 @@ def test_recorded_x0_is_the_models_prediction(tiny_sd):
 
 def test_recording_does_not_change_the_images(tiny_sd):
     res = harvest.run(tiny_sd, _cfg(samples=2, store_dtype="float32"))
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     gens = [torch.Generator("cpu").manual_seed(i) for i in range(2)]
     plain = tiny_sd.pipe(["a cat"] * 2, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="latent").images
     assert torch.equal(plain, h.final)
@@ -73,7 +73,7 @@ def test_second_call_is_a_cache_hit(tiny_sd):
     fewer = harvest.run(tiny_sd, _cfg(samples=3))
     assert fewer.cached and fewer.key == first.key
     more = harvest.run(tiny_sd, _cfg(samples=8))
-    assert more.computed == 2 and harvest.load(more.path).x0.shape[0] == 8
+    assert more.computed == 2 and harvest.load_harvest(more.path).x0.shape[0] == 8
 
 
 def test_key_depends_on_what_determines_the_samples(tiny_sd):
@@ -94,7 +94,7 @@ def test_interrupted_harvest_resumes_to_identical_result(tiny_sd, tmp_path, monk
     assert resumed.computed == 4
     monkeypatch.setenv("CONCEPTKIT_HOME", str(tmp_path / "other"))
     clean = harvest.run(tiny_sd, _cfg())
-    a, b = harvest.load(resumed.path), harvest.load(clean.path)
+    a, b = harvest.load_harvest(resumed.path), harvest.load_harvest(clean.path)
     assert resumed.key == clean.key
     for name in ("x0", "xt", "final", "seeds", "timesteps"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -102,20 +102,20 @@ def test_interrupted_harvest_resumes_to_identical_result(tiny_sd, tmp_path, monk
 
 def test_prompts_cycle_over_trajectories(tiny_sd):
     res = harvest.run(tiny_sd, _cfg(prompts=("a cat", "a dog", "a bird"), samples=4))
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     assert h.prompt_index.tolist() == [0, 1, 2, 0]
 
 
 def test_tiny_sdxl_records_every_step():
     model = load_model("tiny-sdxl")
     res = harvest.run(model, _cfg(samples=4, steps=3))
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     assert h.x0.shape[:2] == (4, 3) and len(res.manifest["timesteps"]) == 3
 
 
 def test_keep_every_and_record_subset(tiny_sd):
     res = harvest.run(tiny_sd, _cfg(samples=2, steps=5, keep_every=2, record=("x0",)))
-    h = harvest.load(res.path)
+    h = harvest.load_harvest(res.path)
     assert h.xt is None and h.x0.shape[1] == 3  # steps 0, 2, 4
     assert h.timesteps.tolist() == tiny_sd.pipe.scheduler.timesteps.tolist()[::2]
 
@@ -155,7 +155,7 @@ def test_sigkill_mid_harvest_then_rerun_matches_uninterrupted(tmp_path):
     clean = _cli(*args, env={"CONCEPTKIT_HOME": str(tmp_path / "clean")})
     cout, cerr = clean.communicate(timeout=300)
     assert clean.returncode == 0, cerr
-    a, b = harvest.load(Path(doc["path"])), harvest.load(Path(json.loads(cout)["path"]))
+    a, b = harvest.load_harvest(Path(doc["path"])), harvest.load_harvest(Path(json.loads(cout)["path"]))
     assert a.x0.shape[0] == 24 and torch.equal(a.x0, b.x0) and torch.equal(a.final, b.final)
 
 
@@ -176,7 +176,7 @@ def test_two_concurrent_harvests_make_one_artifact():
 
 def test_decoded_images_equal_the_pipelines(tiny_sd):
     res = harvest.run(tiny_sd, _cfg(samples=2, store_dtype="float32"))
-    images = decode_batched(tiny_sd, harvest.load(res.path).final)
+    images = decode_batched(tiny_sd, harvest.load_harvest(res.path).final)
     gens = [torch.Generator("cpu").manual_seed(i) for i in range(2)]
     plain = tiny_sd.pipe(["a cat"] * 2, num_inference_steps=4, guidance_scale=3.0, generator=gens, output_type="pt").images
     assert images.shape == plain.shape and torch.allclose(images, plain, atol=1e-5)

@@ -210,7 +210,7 @@ def test_a_harvest_without_what_is_needed_is_refused():
 
 def test_closing_a_subconcept_equals_zeroing_its_weight_rows(tiny_sd):
     doc = json.loads(invoke("cluster", "a red circle", *TINY, "--k", "3", "--temporal-dim", "1", "--json").stdout)
-    sub = subconcepts.load(doc["key"])
+    sub = subconcepts.load_map(doc["key"])
     pipe = tiny_sd.pipe
 
     def image():
@@ -265,17 +265,17 @@ def test_a_cluster_killed_while_drawing_its_figures_leaves_no_partial_artifact(m
     from conceptkit import store
     from conceptkit.picasso import plots as picasso_plots
 
-    real = picasso_plots.similarity
+    real = picasso_plots.similarity_figure
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(picasso_plots, "similarity", killed)
+    monkeypatch.setattr(picasso_plots, "similarity_figure", killed)
     r = invoke("cluster", "a red circle", *TINY, "--k", "3", "--temporal-dim", "1", "--json")
     assert r.exit_code == 130, r.output
     base = store.kind_dir("cluster")
     assert not [p.name for p in base.iterdir() if not p.name.endswith(".lock")] if base.exists() else True, list(base.iterdir())  # no artifact, no temporary folder
-    monkeypatch.setattr(picasso_plots, "similarity", real)
+    monkeypatch.setattr(picasso_plots, "similarity_figure", real)
     doc = json.loads(invoke("cluster", "a red circle", *TINY, "--k", "3", "--temporal-dim", "1", "--json").stdout)
     folder = Path(doc["path"])
     assert sorted(p.name for p in folder.glob("*.png")) == ["centre_maps.png", "segmentation.png", "similarity.png"]

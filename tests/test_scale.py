@@ -32,7 +32,7 @@ def test_two_process_accelerate_harvest_equals_single_process(tmp_path):
     args = ["harvest", "a cat", "--model", "tiny-sd", "--samples", "10", "--steps", "3", "--batch-size", "2", "--json"]
     a, b = _two_and_one(args, tmp_path, 600)
     assert a["key"] == b["key"] and a["available"] == b["available"] == 10 and a["computed"] == 10
-    ha, hb = harvest.load(a["path"]), harvest.load(b["path"])
+    ha, hb = harvest.load_harvest(a["path"]), harvest.load_harvest(b["path"])
     for name in ("x0", "xt", "final", "seeds", "timesteps"):
         assert torch.equal(getattr(ha, name), getattr(hb, name)), name
 

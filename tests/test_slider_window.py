@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from conceptkit import store
 from conceptkit.cli import app
 from conceptkit.infotext import Infotext, format_infotext, parse_infotext
-from conceptkit.sliders.clients import comfy_start_percent, first_step, loractl_tag
+from conceptkit.diffusion import window_steps as first_step
+from conceptkit.sliders.clients import comfy_start_percent, loractl_tag
 from _sets import train_tiny_set
 from _cli import one_line_error
 

@@ -153,14 +153,14 @@ def test_trained_sliders_move_the_embedding_along_their_direction_more_than_rand
     """
     from conceptkit import harvest
     from conceptkit.features import load_encoder
-    from conceptkit.sliders.labels import measure
+    from conceptkit.sliders.labels import measure_effects
     from conceptkit.sliders.bank import SliderLoraConfig, install_sliders
     from conceptkit.sliders.train import PairSource, encode_conditioning
 
     model, sset = trained
     m = sset.manifest
     h = harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=6))  # same settings: re-sampled here
-    data = harvest.load(h.path)
+    data = harvest.load_harvest(h.path)
     pairs = PairSource(data.xt, data.timesteps, data.prompt_index, m["start"], seed=123)  # other pairs than training
     cond = encode_conditioning(model, ["a shape"], m["guidance"], (32, 32))
     enc = load_encoder("pixel")
@@ -177,7 +177,7 @@ def test_trained_sliders_move_the_embedding_along_their_direction_more_than_rand
                     for a, b in zip(bank.lora_A, bank.lora_B):
                         a.copy_(torch.randn(a.shape, generator=g) * a.norm(dim=(1, 2), keepdim=True) / a[0].numel() ** 0.5)
                         b.copy_(torch.randn(b.shape, generator=g) * b.norm(dim=(1, 2), keepdim=True) / b[0].numel() ** 0.5)
-            results[kind] = measure(model, bank, enc, pairs, cond, m["guidance"], dirs, n_pairs=6, step=99)
+            results[kind] = measure_effects(model, bank, enc, pairs, cond, m["guidance"], dirs, n_pairs=6, step=99)
         finally:
             bank.remove()
     trained_cos, random_cos = results["trained"].alignment, results["random"].alignment
@@ -193,7 +193,7 @@ def test_training_predicts_the_same_x0_as_the_sampler(trained):
 
     model = trained[0]
     r = harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=2, store_dtype="float32"))
-    h = harvest.load(r.path)
+    h = harvest.load_harvest(r.path)
     g = r.manifest["settings"]["guidance"]
     cond = encode_conditioning(model, ["a shape"], g, (32, 32))
     with torch.no_grad():
@@ -397,7 +397,7 @@ def test_a_share_of_the_sliders_gets_the_gradients_it_has_in_the_step_over_all(t
     from conceptkit.sliders.train import PairSource, encode_conditioning, train_step
 
     model = trained[0]
-    h = harvest.load(harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=6)).path)
+    h = harvest.load_harvest(harvest.run(model, harvest.HarvestConfig(prompts=("a shape",), samples=6)).path)
     cond = encode_conditioning(model, ["a shape"], 3.0, (32, 32))
     enc = load_encoder("pixel")
     pairs = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, seed=0)

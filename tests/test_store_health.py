@@ -39,7 +39,7 @@ def test_manifests_written_before_schemas_still_read(store_copy):
     # what the old writers wrote: no "schema" field, no shard checksums
     art = _only("harvest")
     _edit_manifest(art, lambda m: {k: v for k, v in m.items() if k not in ("schema", "checksums")})
-    assert harvest.load(art.path).x0.shape[0] == 2
+    assert harvest.load_harvest(art.path).x0.shape[0] == 2
     assert _json(invoke("cache", "verify", "--json"))["damaged"] == []
 
 
@@ -141,11 +141,11 @@ def test_a_garbled_shard_is_reported_and_recomputed(store_copy):
     data[-5] ^= 0xFF  # one byte of tensor data: the header still reads
     shard.write_bytes(bytes(data))
     with pytest.raises(DamagedArtifactError, match="checksum"):
-        harvest.load(art.path)
+        harvest.load_harvest(art.path)
     assert invoke("cache", "verify").exit_code == 1
     r = invoke("harvest", "a red circle", *TINY, "--json")
     assert r.exit_code == 0 and "checksum" in r.stderr and json.loads(r.stdout)["computed"] == 2
-    harvest.load(art.path)
+    harvest.load_harvest(art.path)
 
 
 def test_truncated_and_pickled_files_are_refused_from_their_header(tmp_path, monkeypatch):
@@ -181,12 +181,12 @@ def test_shards_with_wrong_shapes_dtypes_or_pickles_make_the_harvest_damaged(sto
         save_file(case, str(shard))
         _edit_manifest(art, lambda m: {k: v for k, v in m.items() if k != "checksums"})  # the header check alone
         with pytest.raises(DamagedArtifactError, match=shard.name):
-            harvest.load(art.path)
+            harvest.load_harvest(art.path)
     torch.save(tensors, shard)
     with pytest.raises(DamagedArtifactError, match="never loaded"):
-        harvest.load(art.path)
+        harvest.load_harvest(art.path)
     shard.write_bytes(good)
-    harvest.load(art.path)
+    harvest.load_harvest(art.path)
 
 
 def test_overlapping_shards_are_detected_and_refused_on_read(store_copy, tmp_path):
@@ -197,7 +197,7 @@ def test_overlapping_shards_are_detected_and_refused_on_read(store_copy, tmp_pat
     [shard] = art.path.glob("shard-*.safetensors")
     shutil.copy(shard, art.path / harvest_shards.shard_name(1, 2))  # a second launch's shard over trajectory 1
     with pytest.raises(DamagedArtifactError, match="overlap"):
-        harvest.load(art.path)
+        harvest.load_harvest(art.path)
     r = invoke("harvest", "a red circle", *TINY, "--save-images", tmp_path / "images", "--json")
     assert r.exit_code == 0 and "overlaps" in r.stderr
     assert len(json.loads(r.stdout)["images"]) == 2 == len(list((tmp_path / "images").iterdir()))

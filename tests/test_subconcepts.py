@@ -243,7 +243,7 @@ def test_subconcept_grid_is_one_png_with_a_row_per_subconcept(in_cluster_home, t
 
 
 def test_render_draws_each_mode_from_the_harvest_prompt(in_cluster_home, tiny_sd):
-    sub = subconcepts.load(in_cluster_home["key"])
+    sub = subconcepts.load_map(in_cluster_home["key"])
     assert sub.prompts == ("a red circle",) and sum(sub.sizes()) == in_cluster_home["n_neurons_kept"]
     c = int(np.argmax(sub.sizes()))  # FCM may leave a sub-concept of the random tiny model empty
     only = subconcepts.render(tiny_sd, sub, c, [0, 1], steps=4, batch_size=1)
@@ -262,7 +262,7 @@ def test_render_draws_each_mode_from_the_harvest_prompt(in_cluster_home, tiny_sd
 def test_vbsc_scores_subconcepts_against_random_groups_of_the_same_sizes(in_cluster_home, tiny_sd):
     from conceptkit.evaluate import vbsc as picasso_eval
 
-    sub = subconcepts.load(in_cluster_home["key"])
+    sub = subconcepts.load_map(in_cluster_home["key"])
     shuffled = picasso_eval.permuted(sub, 0)
     assert shuffled.sizes() == sub.sizes() and not np.array_equal(shuffled.labels, sub.labels)
     assert np.array_equal(shuffled.item_neuron, sub.item_neuron)  # the same kept items, regrouped

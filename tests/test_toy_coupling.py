@@ -80,5 +80,5 @@ def test_coupling_keeps_the_noise_standard_normal_and_touches_only_the_subspaces
     torch.testing.assert_close(rest(out), rest(noise.reshape(4000, -1)), atol=1e-4, rtol=0)
     # and it round-trips through safetensors
     cpl.save(tmp_path / coupling.FILE)
-    again = coupling.load(tmp_path / coupling.FILE)
+    again = coupling.load_coupling(tmp_path / coupling.FILE)
     assert again.read(noise[:50]) == cpl.read(noise[:50])

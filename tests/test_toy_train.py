@@ -60,7 +60,7 @@ def test_unet_warm_start_takes_the_other_runs_weights(tmp_path):
                stage_dir="unet-coupled", init_from="unet")
     from conceptkit.toy import coupling
 
-    shipped = coupling.load(tmp_path / "w3" / coupling.FILE)
+    shipped = coupling.load_coupling(tmp_path / "w3" / coupling.FILE)
     assert shipped.read(torch.zeros(1, 4, 8, 8)) and (tmp_path / "unet-coupled" / coupling.FILE).exists()
     assert '"coupled_noise": true' in (tmp_path / "w3" / "training.json").read_text()
     # resuming that line without coupling is refused, not silently continued with plain noise

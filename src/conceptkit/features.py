@@ -89,7 +89,7 @@ class ClipEncoder(ImageEncoder):
         from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
         self.spec, self.toy = spec, toy
-        check_weights(folder, spec)
+        check_encoder_weights(folder, spec)
         config = _load_config(folder, spec)
         if isinstance(config, CLIPConfig) or getattr(config, "model_type", "") == "clip":
             self.model = CLIPModel.from_pretrained(folder, use_safetensors=True)
@@ -145,7 +145,7 @@ class Dinov2Encoder(ImageEncoder):
         from transformers import Dinov2Model
 
         self.spec = spec
-        check_weights(folder, spec)
+        check_encoder_weights(folder, spec)
         self.model = Dinov2Model.from_pretrained(folder, use_safetensors=True)
         self.dim = int(self.model.config.hidden_size)
         patch = int(self.model.config.patch_size)
@@ -157,7 +157,7 @@ class Dinov2Encoder(ImageEncoder):
         return F.normalize(self.model(pixel_values=x).last_hidden_state[:, 0].float(), dim=-1)
 
 
-def check_weights(folder: str, spec: str) -> None:
+def check_encoder_weights(folder: str, spec: str) -> None:
     """Refuse an encoder folder whose weights are pickles only (.bin, .pt, .ckpt): never loaded."""
     path = Path(folder)
     if path.is_dir() and not any(path.glob("*.safetensors")) and (pickled := pickle_weights(path)):
@@ -190,7 +190,7 @@ def _encoder_need(name: str, spec: str) -> hub.Need:
                     alternative=f"or pass a local folder (--encoder {kind}:/path/to/folder)")
 
 
-def hub_needs(spec: str, model_spec: str | None = None) -> list[hub.Need]:
+def encoder_hub_needs(spec: str, model_spec: str | None = None) -> list[hub.Need]:
     """The hub repository the encoder `spec` needs when it is not in the local cache yet ([] otherwise; no network)."""
     spec = resolve_spec(check_spec(spec), model_spec)
     kind, _, arg = spec.partition(":")
@@ -228,7 +228,7 @@ def check_spec(spec: str) -> str:
         raise UsageError(f"unknown --encoder {spec!r}; use auto, pixel, pixel:<side>, toy, clip:<id or folder> "
                          f"or dinov2:<id or folder>")
     if kind in ("clip", "dinov2", "toy") and arg and Path(arg).expanduser().is_dir():
-        check_weights(str(Path(arg).expanduser()), spec)  # pickled weights are refused before any work
+        check_encoder_weights(str(Path(arg).expanduser()), spec)  # pickled weights are refused before any work
     return spec
 
 

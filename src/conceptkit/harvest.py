@@ -293,7 +293,7 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------- reading
 
 
-def load(path: Path, samples: int | None = None, names: Sequence[str] = ("x0", "xt")) -> Harvest:
+def load_harvest(path: Path, samples: int | None = None, names: Sequence[str] = ("x0", "xt")) -> Harvest:
     """Read a harvest folder's first `samples` trajectories (all if None) into one `Harvest`.
 
     Every shard read is checked first (header, shapes, dtypes, checksum where the manifest has

@@ -50,7 +50,7 @@ def _folders(base: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
 
 
-def info(art: Artifact) -> ArtifactInfo:
+def artifact_info(art: Artifact) -> ArtifactInfo:
     """What `cache list` shows of one artifact; a damaged one is listed, with what is wrong."""
     damaged = ""
     m: dict[str, Any] = {}
@@ -81,7 +81,7 @@ def list_artifacts(kind: str | None = None) -> list[ArtifactInfo]:
     for k in [kind] if kind else list(KINDS):
         base = kind_dir(k)
         if base.is_dir():
-            infos += [info(Artifact(k, folder.name, folder)) for folder in _folders(base)]
+            infos += [artifact_info(Artifact(k, folder.name, folder)) for folder in _folders(base)]
     return infos
 
 
@@ -90,7 +90,7 @@ def clear(kind: str | None = None, key: str | None = None, on_wait=None) -> list
     if key is not None:
         check_name(key, "key")
         kinds = [kind] if kind else list(KINDS)
-        targets = [info(Artifact(k, key, kind_dir(k) / key)) for k in kinds
+        targets = [artifact_info(Artifact(k, key, kind_dir(k) / key)) for k in kinds
                    if (kind_dir(k) / key).is_dir() or (kind_dir(k) / key).is_symlink()]
         if not targets:
             raise ArtifactNotFoundError(f"no artifact {key!r}; see `conceptkit cache list`")

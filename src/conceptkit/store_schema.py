@@ -123,11 +123,11 @@ def one_of(*checks: Check) -> Check:
     return check
 
 
-def shard_name(v: Any) -> str | None:
+def shard_file_name(v: Any) -> str | None:
     return None if isinstance(v, str) and SHARD_RE.match(v) else "is not a shard file name (shard-NNNNNN-NNNNNN.safetensors)"
 
 
-def sha256(v: Any) -> str | None:
+def sha256_digest(v: Any) -> str | None:
     return None if isinstance(v, str) and HEX64_RE.match(v) else "is not a sha256 hex digest"
 
 
@@ -158,7 +158,7 @@ SCHEMAS = {
         "model": (MODEL, True), "prompts": (list_of(text, nonempty=True), True), "settings": (SIZE, True),
         "samples": (integer(0), False), "steps": (integer(1), False), "timesteps": (list_of(integer(0)), False),
         "record": (list_of(lambda v: None if v in ("x0", "xt") else "is not x0 or xt"), False),
-        "shards": (list_of(shard_name), False), "checksums": (map_of(sha256), False), "bytes": (integer(0), False),
+        "shards": (list_of(shard_file_name), False), "checksums": (map_of(sha256_digest), False), "bytes": (integer(0), False),
         "versions": (mapping, False),
     }),
     "neurons": Schema("neurons", {

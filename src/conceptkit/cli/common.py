@@ -159,7 +159,7 @@ def command(fn):
     return wrapper
 
 
-def load(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
+def open_model(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
     """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
 
     Args:
@@ -175,7 +175,7 @@ def load(model: str | None, device: str, dtype: str, config: Path | None, encode
     half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
     needs = hub_needs(spec, config, prefer_fp16=half)
     for encoder in encoders:
-        needs += features.hub_needs(encoder or "auto", spec)
+        needs += features.encoder_hub_needs(encoder or "auto", spec)
     # one unwrapped line per repository to download, then huggingface_hub's progress bars
     hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):

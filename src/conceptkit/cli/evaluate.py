@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from conceptkit import ui
-from conceptkit.cli.common import DeviceOpt, JsonOpt, ModelOpt, app, command, load
+from conceptkit.cli.common import DeviceOpt, JsonOpt, ModelOpt, app, command, open_model
 from conceptkit.errors import UsageError
 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Measure slider sets, clusterings and image folders: diversity, CLIP score, "
@@ -92,14 +92,14 @@ def sliders(
     if is_lora_file(name):
         precheck(name, prompt, like, start)
         like_set = load_set(like) if like is not None else None
-        loaded = load(model or (like_set.manifest["model"]["spec"] if like_set else None), device, "auto", None,
+        loaded = open_model(model or (like_set.manifest["model"]["spec"] if like_set else None), device, "auto", None,
                       encoders=[encoder or (like_set.manifest["encoder"] if like_set else "auto")])
         sset = lora_file_set(loaded, name, settings_for(loaded, like_set, prompt, steps, guidance, start))
     else:
         if any(v is not None for v in (prompt, like, steps, guidance, start)):
             raise UsageError("--prompt, --like, --steps, --guidance and --start apply to a LoRA file; a set has its own")
         sset = load_set(name)
-        loaded = load(model or sset.manifest["model"]["spec"], device, "auto", None, encoders=[encoder or sset.manifest["encoder"]])
+        loaded = open_model(model or sset.manifest["model"]["spec"], device, "auto", None, encoders=[encoder or sset.manifest["encoder"]])
     with ui.progress("evaluate sliders", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         def progress(stage, done, total):
             bar(done, total, stage=stage)
@@ -202,11 +202,11 @@ def cluster(
     json_out: JsonOpt = False,
 ) -> None:
     """Picasso's VbSC: render each sub-concept, embed, score as a clustering; elbow, tau curve, heatmap from the artifact."""
-    from conceptkit.evaluate.cluster import ClusterEvalConfig, model_spec, run
+    from conceptkit.evaluate.cluster import ClusterEvalConfig, cluster_model_spec, run
 
     cfg = ClusterEvalConfig(per_subconcept=count, mode=mode, scale=scale, seed=seed, encoder=encoder, steps=steps,
                             guidance=guidance, batch_size=batch_size)
-    loaded = load(model or model_spec(key), device, "auto", None, encoders=[encoder or "auto"])
+    loaded = open_model(model or cluster_model_spec(key), device, "auto", None, encoders=[encoder or "auto"])
     with ui.progress("evaluate cluster", unit="sub-concepts", enabled=not json_out or sys.stderr.isatty()) as bar:
         doc = run(loaded, key, cfg, progress=lambda stage, done, total: bar(done, total, stage=stage), on_wait=ui.info)
     _finish(doc, report, json_out, _render_cluster)

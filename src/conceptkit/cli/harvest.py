@@ -15,7 +15,7 @@ from conceptkit.cli.common import (
     DtypeOpt,
     JsonOpt,
     ModelOpt,
-    load,
+    open_model,
     app,
     command,
 )
@@ -86,7 +86,7 @@ def harvest(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = load(model, device, dtype, config)
+    loaded = open_model(model, device, dtype, config)
     with ui.progress("harvest", unit="samples", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     if proc != 0:  # one report per launch, from the main process
@@ -129,7 +129,7 @@ def _save_images(model, path: Path, out_dir: Path, samples: int) -> list[Path]:
     from conceptkit import harvest, store
     from conceptkit.diffusion import decode_batched
 
-    h = harvest.load(path, samples=samples, names=())
+    h = harvest.load_harvest(path, samples=samples, names=())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

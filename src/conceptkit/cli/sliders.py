@@ -18,7 +18,7 @@ from conceptkit.cli.common import (
     ModelOpt,
     app,
     command,
-    load,
+    open_model,
 )
 from conceptkit.errors import UsageError
 
@@ -98,7 +98,7 @@ def train(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = load(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
+    loaded = open_model(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
     from conceptkit.sliders.layers import select_targets
 
     try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
@@ -120,7 +120,7 @@ def train(
         return
     doc = {**sset.to_json(), "defaults": defaults_doc}
     if export is not None:
-        doc["export"] = [str(p) for p in slider_sets.export_kohya(sset.name, export, warn=_warn)]
+        doc["export"] = [str(p) for p in slider_sets.export_set(sset.name, export, warn=_warn)]
     if json_out:
         ui.print_json(doc)
         return
@@ -217,7 +217,7 @@ def export(
 ) -> None:
     """Write a set's sliders in kohya format (the file every other tool loads), and optionally a ComfyUI workflow and A1111 prompts that keep the slider window."""
     from conceptkit.sliders.clients import ClientSettings, parse_strengths, write_clients
-    from conceptkit.sliders.sets import export_kohya, load_set
+    from conceptkit.sliders.sets import export_set, load_set
 
     if format != "kohya":
         raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")
@@ -233,7 +233,7 @@ def export(
     if "comfyui" in formats and cfg.checkpoint is None:
         raise UsageError(f"--checkpoint: name the checkpoint file ComfyUI loads for {model['spec']} "
                          "(in ComfyUI/models/checkpoints), e.g. --checkpoint sd15.safetensors")
-    paths = export_kohya(name, folder, warn=_warn)
+    paths = export_set(name, folder, warn=_warn)
     clients = write_clients(sset, folder, formats, cfg) if formats else None
     if json_out:
         doc = {"name": name, "files": [str(p) for p in paths]}

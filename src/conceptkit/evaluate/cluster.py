@@ -24,7 +24,7 @@ from conceptkit import metrics, store
 from conceptkit.errors import UsageError
 from conceptkit.evaluate import common as evaluation
 from conceptkit.features import check_spec, load_encoder, resolve_spec
-from conceptkit.picasso.subconcepts import MODES, check_model, load, render_all
+from conceptkit.picasso.subconcepts import MODES, check_model, load_map, render_all
 from conceptkit.settings import NULL_IN_KEY, key_settings
 
 Progress = Callable[..., None]  # progress(stage, done, total)
@@ -68,16 +68,16 @@ def vbsc_scores(embeddings: np.ndarray) -> dict[str, float | None]:
     return {name: getattr(s, name) for name in VBSC_SCORES}
 
 
-def model_spec(key: str) -> str:
+def cluster_model_spec(key: str) -> str:
     """The --model a cluster artifact was made with (fails on an unknown key before any model loads)."""
-    sub = load(key)
+    sub = load_map(key)
     return str(sub.model.get("spec") or "toy")
 
 
 def run(model, key: str, cfg: ClusterEvalConfig, progress: Progress | None = None, on_wait=None) -> dict[str, Any]:
     """VbSC of cluster `key` (see the module doc); returns the JSON document, cached by key in the store."""
     started = time.perf_counter()
-    sub = load(key)
+    sub = load_map(key)
     check_model(sub, model)
     art = store.find("cluster", sub.key)
     cm = art.manifest()
@@ -122,7 +122,7 @@ def run(model, key: str, cfg: ClusterEvalConfig, progress: Progress | None = Non
         "neuron_clustering": cm.get("metrics"), "timesteps": cm.get("timesteps", []), "sweeps": cm.get("sweeps") or {},
         "has": {"heatmap": bool(sim), "elbow": bool((cm.get("sweeps") or {}).get("k")), "tau_curve": bool((cm.get("sweeps") or {}).get("tau"))},
     }
-    doc = evaluation.save(ekey, doc, arrays, on_wait=on_wait)
+    doc = evaluation.save_evaluation(ekey, doc, arrays, on_wait=on_wait)
     return evaluation.public(doc, False, time.perf_counter() - started)
 
 

@@ -125,7 +125,7 @@ def preview(images: torch.Tensor, n: int = 32, side: int = 128) -> np.ndarray:
 # ---------------------------------------------------------------- image folders
 
 
-def load_folder(folder: Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
+def load_image_folder(folder: Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
     """(N, 3, H, W) images in [0, 1] from a folder's PNG/JPG files (sorted), resized to `size` (W, H) or the first's.
 
     Bad input (no such folder, no images, an unreadable file, a single image) is a `UsageError`.
@@ -180,7 +180,7 @@ def cached(key: str, say=None) -> dict[str, Any] | None:
     return doc if doc.get("complete") else None
 
 
-def save(key: str, doc: dict[str, Any], arrays: dict[str, np.ndarray], on_wait=None) -> dict[str, Any]:
+def save_evaluation(key: str, doc: dict[str, Any], arrays: dict[str, np.ndarray], on_wait=None) -> dict[str, Any]:
     """Write the arrays (.npy) and the manifest (the JSON document, with the arrays' paths) atomically."""
     art = store.artifact("evaluate", key)
     paths = {}
@@ -229,8 +229,8 @@ def run_images(a: Path, b: Path | None, prompt: str | None, encoder_spec: str, *
     if prompt is not None and not prompt.strip():
         raise UsageError("empty --prompt; leave it out to skip the CLIP score")
     # 1. read the folders first: bad input fails before an encoder loads
-    xa, names_a = load_folder(a)
-    xb, names_b = load_folder(b) if b is not None else (None, [])
+    xa, names_a = load_image_folder(a)
+    xb, names_b = load_image_folder(b) if b is not None else (None, [])
     key = key_for("images", {"a": folder_digest(a), "b": folder_digest(b) if b is not None else None, "prompt": prompt,
                              "encoder": spec})
     hit = cached(key, on_wait)
@@ -251,5 +251,5 @@ def run_images(a: Path, b: Path | None, prompt: str | None, encoder_spec: str, *
         arrays.update(b_embeddings=emb.b, b_images=preview(xb))
     if text is not None:
         arrays["text_embedding"] = text
-    doc = save(key, doc, arrays, on_wait=on_wait)
+    doc = save_evaluation(key, doc, arrays, on_wait=on_wait)
     return public(doc, False, time.perf_counter() - started)

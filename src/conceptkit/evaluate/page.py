@@ -18,7 +18,7 @@ def fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
+def html_table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<h2>{html.escape(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

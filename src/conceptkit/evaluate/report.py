@@ -22,7 +22,7 @@ def write(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> d
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--report {folder} is a file, not a folder")
-    render = {"sliders": report_sections.sliders, "images": report_sections.images, "cluster": report_sections.cluster}[doc["what"]]
+    render = {"sliders": report_sections.sliders_section, "images": report_sections.images_section, "cluster": report_sections.cluster_section}[doc["what"]]
     title, sections, files = render(doc, arrays, folder)
     note = (f"conceptkit evaluate {doc['what']} · key {doc['key']} · encoder {doc.get('encoder', '')} · "
             f"every number is recomputable from the arrays in {doc['path']}")

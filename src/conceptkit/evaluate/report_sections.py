@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from conceptkit.evaluate.page import fmt, img, table
+from conceptkit.evaluate.page import fmt, img, html_table
 from conceptkit.evaluate.toy_factors import ROW_TITLES
 from conceptkit.figures import bars, curves, heatmap, image_grid
 
@@ -25,7 +25,7 @@ def _with_ci(v: Any, ci: list[float] | None, fmt) -> str | None:
 SET_COLUMNS = ["set", "images", "diversity (mean cosine distance)", "Vendi score", "CLIP score"]
 
 
-def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+def sliders_section(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
     files: dict[str, str] = {}
     level = f"{100 * doc.get('ci_level', 0.95):g}%"
     labels = [f"{s['index']}:{s['label']}" for s in doc["per_slider"]]
@@ -48,8 +48,8 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                       f"-{s:g}": [r["effect_size_minus"] for r in doc["per_slider"]]},
                                      "effect size: mean embedding shift from the base image", "mean ||shift||")
     sections = [
-        table("diversity and alignment", SET_COLUMNS, _set_rows(doc, [("base", "base model"), ("sliders", "random sliders")])),
-        table(f"comparison (sliders / base; [{level} paired bootstrap interval over the seeds])",
+        html_table("diversity and alignment", SET_COLUMNS, _set_rows(doc, [("base", "base model"), ("sliders", "random sliders")])),
+        html_table(f"comparison (sliders / base; [{level} paired bootstrap interval over the seeds])",
                ["Fréchet distance (base vs sliders)", "diversity ratio", "Vendi ratio", "CLIP score change"],
                [[doc["frechet_distance"], _with_ci(doc["diversity_ratio"], doc.get("diversity_ratio_ci"), fmt),
                  _with_ci(doc["vendi_ratio"], doc.get("vendi_ratio_ci"), fmt),
@@ -62,7 +62,7 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
         sections.append(f"<p class=\"note\">CLIP score unavailable: {html.escape(str(doc['clip_note']))}</p>")
     sections += [img(files["base_grid"], "base model"), img(files["slider_grid"], "random sparse sliders")]
     if k:
-        sections.append(table("per slider", ["index", "label", f"effect size (+{doc['effect_strength']:g})",
+        sections.append(html_table("per slider", ["index", "label", f"effect size (+{doc['effect_strength']:g})",
                                               f"effect size (-{doc['effect_strength']:g})"],
                                [[r["index"], r["label"], r["effect_size"], r["effect_size_minus"]] for r in doc["per_slider"]]))
         sections += [img(files["sweep_grid"], "strength sweep"), img(files["effect_cosines"], "effect cosines"),
@@ -70,7 +70,7 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
     t = doc.get("factor_table")
     if t:
         floor = ", ".join(f"{g} {v:.3f}" for g, v in t["floor"].items())
-        sections.append(table(f"factor table (toy analyser), {t['seeds']} seeds at ±{doc['effect_strength']:g}: per-seed purity "
+        sections.append(html_table(f"factor table (toy analyser), {t['seeds']} seeds at ±{doc['effect_strength']:g}: per-seed purity "
                                f"beside the mean summed change; distribution purity beside the main factor's TV distance above "
                                f"the noise floor ({floor}; two {t['seeds']}-seed halves of {t['base_seeds']} base seeds)",
                                ["row", "per-seed purity", "summed change", "distribution purity", "effect above floor",
@@ -82,7 +82,7 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                 for name, s in ((n, r["summary"]) for n, r in t["rows"].items())]))
         for name, row in t["rows"].items():
             d = row["distribution"]
-            sections.append(table(f"{ROW_TITLES[name]}: TV distance between -{doc['effect_strength']:g} and "
+            sections.append(html_table(f"{ROW_TITLES[name]}: TV distance between -{doc['effect_strength']:g} and "
                                    f"+{doc['effect_strength']:g} per factor (effect above the floor)",
                                    ["index", "label", "main factor", "distribution purity", "effect", "toward + value", "+ value",
                                     *d["factors"]],
@@ -91,7 +91,7 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                     for r in d["per_slider"]]))
     f = doc.get("factors")
     if f:
-        sections.append(table(f"factor recovery (toy analyser): {f['n_covered']} of {len(f['of'])} factors covered "
+        sections.append(html_table(f"factor recovery (toy analyser): {f['n_covered']} of {len(f['of'])} factors covered "
                                f"({', '.join(f['coverage'])}), mean purity {f['mean_purity']:.3f}, labels naming the main factor "
                                f"{f['labels_right']} of {len(f['per_slider'])}",
                                ["index", "label", "main factor", "purity", "read validly", *f["factors"]],
@@ -100,30 +100,30 @@ def sliders(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
     fe = doc.get("factor_entropy")
     if fe:
         names = list(fe["base"]["entropy"])
-        sections.append(table("how evenly each set spreads over the toy's factors (normalised entropy of the analyser's readings; "
+        sections.append(html_table("how evenly each set spreads over the toy's factors (normalised entropy of the analyser's readings; "
                                "1 = uniform)", ["set", "read validly", *names],
                                [[label, fe[key]["valid"], *(fe[key]["entropy"][x] for x in names)]
                                 for key, label in (("base", "base model"), ("sliders", "random sliders"))]))
     return f"sliders {doc['set']} ({doc['prompt']!r}, {doc['model']['spec']})", sections, files
 
 
-def images(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+def images_section(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
     files = {"a_grid": image_grid(folder / "a.png", arrays["a_images"][:32], f"A: {doc['a']['folder']}")}
     names = [("a", "A")]
     if doc.get("b"):
         files["b_grid"] = image_grid(folder / "b.png", arrays["b_images"][:32], f"B: {doc['b']['folder']}")
         names.append(("b", "B"))
-    sections = [table("diversity and alignment" + (f" with {doc['prompt']!r}" if doc.get("prompt") else ""), SET_COLUMNS,
+    sections = [html_table("diversity and alignment" + (f" with {doc['prompt']!r}" if doc.get("prompt") else ""), SET_COLUMNS,
                        _set_rows(doc, names))]
     if doc.get("b"):
-        sections.append(table("comparison", ["Fréchet distance (A vs B)"], [[doc["frechet_distance"]]]))
+        sections.append(html_table("comparison", ["Fréchet distance (A vs B)"], [[doc["frechet_distance"]]]))
     if not doc["clip_available"]:
         sections.append(f"<p class=\"note\">CLIP score unavailable: {html.escape(str(doc['clip_note']))}</p>")
     sections += [img(p, f"first images of {'A' if n == 'a_grid' else 'B'}") for n, p in files.items()]
     return "images" + (f" {doc['a']['folder']} vs {doc['b']['folder']}" if doc.get("b") else f" {doc['a']['folder']}"), sections, files
 
 
-def cluster(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
+def cluster_section(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) -> tuple[str, list[str], dict[str, str]]:
     files: dict[str, str] = {}
     k, n = doc["k"], doc["per_subconcept"]
     imgs = arrays["images"]
@@ -148,16 +148,16 @@ def cluster(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: Path) ->
                                      "clustering seconds": [p["metrics"]["seconds"] if p.get("metrics") else None for p in pts],
                                      "kept": [p["n_neurons_kept"] for p in pts]}, "tau", "tau curve")
     v = doc["vbsc"]
-    sections = [table("VbSC: the sub-concepts' images as a clustering", ["sub-concepts", "images each", "Calinski-Harabasz",
+    sections = [html_table("VbSC: the sub-concepts' images as a clustering", ["sub-concepts", "images each", "Calinski-Harabasz",
                                                                           "Davies-Bouldin", "silhouette"],
                        [[k, n, v["calinski_harabasz"], v["davies_bouldin"], v["silhouette"]]]),
-                table("per sub-concept", ["sub-concept", "kept neurons", "diversity", "Vendi score", "CLIP score", "shift from unmodified"],
+                html_table("per sub-concept", ["sub-concept", "kept neurons", "diversity", "Vendi score", "CLIP score", "shift from unmodified"],
                        [[r["cluster"], size, r["diversity"], r["vendi"], r["clip_score"], r["shift_from_base"]]
                         for r, size in zip(doc["per_subconcept_scores"], doc["sizes"])]
                        + [["unmodified", None, doc["base"]["diversity"], doc["base"]["vendi"], doc["base"]["clip_score"], None]])]
     if doc.get("neuron_clustering"):
         nc = doc["neuron_clustering"]
-        sections.append(table("the neurons' own clustering (from `conceptkit cluster`)", ["Calinski-Harabasz", "Davies-Bouldin",
+        sections.append(html_table("the neurons' own clustering (from `conceptkit cluster`)", ["Calinski-Harabasz", "Davies-Bouldin",
                                                                                            "silhouette", "FPC"],
                                [[nc.get("calinski_harabasz"), nc.get("davies_bouldin"), nc.get("silhouette"), nc.get("fpc")]]))
     captions = {"subconcept_grid": "rows: the unmodified images, then each sub-concept on the same seeds",

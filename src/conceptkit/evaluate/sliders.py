@@ -197,7 +197,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
         doc["factor_table"] = toy_factors.table(factor_images, indices, [s.label for s in sset.sliders], seed=cfg.seed)
         doc["factors"] = doc["factor_table"]["rows"]["sliders"]["per_seed"]  # the per-seed table, as before
         doc["factor_entropy"] = {"base": factors.entropy(arrays["base_images"]), "sliders": factors.entropy(arrays["slider_images"])}
-    doc = evaluation.save(key, doc, {n: a for n, a in arrays.items() if a is not None}, on_wait=on_wait)
+    doc = evaluation.save_evaluation(key, doc, {n: a for n, a in arrays.items() if a is not None}, on_wait=on_wait)
     return evaluation.public(doc, False, time.perf_counter() - started)
 
 

@@ -131,7 +131,7 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
         raise UnsupportedModelError(f"{spec} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x and SDXL text-to-image")
     if family == "sdxl" and (index.get("text_encoder", [None])[0] is None or index.get("text_encoder_2", [None])[0] is None):
         raise UnsupportedModelError(f"{spec} is an SDXL pipeline without both text encoders (a refiner?); not supported")
-    return family, check_weights(folder, index, spec)
+    return family, check_pipeline_weights(folder, index, spec)
 
 
 def load_folder(folder: Path, spec: str):
@@ -153,7 +153,7 @@ def load_folder(folder: Path, spec: str):
         raise UnsupportedModelError(f"could not load {spec}: {first[:300]}") from err
 
 
-def check_weights(folder: Path, index: dict, spec: str) -> str | None:
+def check_pipeline_weights(folder: Path, index: dict, spec: str) -> str | None:
     """Refuse pickled-only or missing weights before diffusers tries; return the variant to load."""
     variant = None
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):

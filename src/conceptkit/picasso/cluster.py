@@ -299,7 +299,7 @@ def cluster_rows(stats: NeuronStats, res: Picasso) -> list[dict[str, Any]]:
     return rows
 
 
-def save(stats: NeuronStats, res: Picasso, on_wait=None,
+def save_cluster(stats: NeuronStats, res: Picasso, on_wait=None,
          figures: Callable[[Path], dict[str, str]] | None = None,
          describe: Callable[[str, Path, dict[str, str], dict[str, str]], dict[str, Any]] | None = None,
          ) -> tuple[str, Path, dict[str, str], dict[str, str]]:

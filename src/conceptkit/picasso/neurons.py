@@ -272,7 +272,7 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
     """Compute (or reuse) the concept-neuron statistics of a harvest, one timestep at a time."""
     started = time.perf_counter()
     # 1. the harvest: prompts, timesteps, references
-    h = harvest_stage.load(harvest_path, samples=cfg.samples, names=())
+    h = harvest_stage.load_harvest(harvest_path, samples=cfg.samples, names=())
     m = h.manifest
     if not same_weights(m.get("model"), model):
         raise UsageError(f"harvest {harvest_path.name} was made with another model ({m.get('model', {}).get('spec')}); pass that --model")
@@ -336,7 +336,7 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
                 "num_train_timesteps": int(model.pipe.scheduler.config.num_train_timesteps), "blocks": blocks, "n_neurons": blocks[-1]["stop"],
                 "complete": True, "bytes": size, "bytes_per_step": size // len(timesteps),
             })
-    return NeuronsResult(key, art.path, load(art.path), cached=computed == 0, seconds=time.perf_counter() - started)
+    return NeuronsResult(key, art.path, load_stats(art.path), cached=computed == 0, seconds=time.perf_counter() - started)
 
 
 def _describe_blocks(model: LoadedModel, out: dict[str, torch.Tensor]) -> list[dict]:
@@ -350,7 +350,7 @@ def _describe_blocks(model: LoadedModel, out: dict[str, torch.Tensor]) -> list[d
     return blocks
 
 
-def load(path: Path) -> NeuronStats:
+def load_stats(path: Path) -> NeuronStats:
     """Read a neurons artifact's importance and activation tables (the Fs maps stay on disk)."""
     path = Path(path)
     art = store.Artifact("neurons", path.name, path)

@@ -29,7 +29,7 @@ Progress = Callable[[str, int, int], None]  # progress(stage, done, total); stag
 
 def reference_images(model, harvest_path: Path, n: int = 4):
     """The first `n` final samples of the harvest, decoded: (n, 3, H, W) in [0, 1]."""
-    return decode_batched(model, harvest_stage.load(harvest_path, samples=n, names=()).final).numpy()
+    return decode_batched(model, harvest_stage.load_harvest(harvest_path, samples=n, names=()).final).numpy()
 
 
 def run(model, harvest_path: Path, neurons: NeuronConfig, config: ClusterConfig, *,
@@ -59,14 +59,14 @@ def run(model, harvest_path: Path, neurons: NeuronConfig, config: ClusterConfig,
         sweep_out[name] = [{"value": p.value, "n_neurons_kept": p.n_kept, "metrics": picasso.scores_dict(p.scores, p.seconds),
                             **({"error": p.error} if p.error else {})} for p in points]
         if plots_dir is not None:
-            sweep_images[f"sweep_{name}"] = plots.sweep(Path(plots_dir) / f"sweep-{name}.png", name, points)
+            sweep_images[f"sweep_{name}"] = plots.sweep_figure(Path(plots_dir) / f"sweep-{name}.png", name, points)
 
     def figures(folder: Path) -> dict[str, str]:
         return {
-            "centre_maps": plots.centre_maps(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={config.k}"),
-            "segmentation": plots.segmentation(folder / "segmentation.png", res.segmentation, config.k,
+            "centre_maps": plots.centre_maps_figure(folder / "centre_maps.png", res.centre_maps, f"{stats.manifest['prompts'][0]}: k={config.k}"),
+            "segmentation": plots.segmentation_figure(folder / "segmentation.png", res.segmentation, config.k,
                                                references=reference_images(model, harvest_path)),
-            "similarity": plots.similarity(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
+            "similarity": plots.similarity_figure(folder / "similarity.png", res.similarity.jaccard, res.similarity.cluster_correlation,
                                            res.similarity.cluster_jaccard, [int(t) for t in stats.timesteps]),
         }
 
@@ -84,5 +84,5 @@ def run(model, harvest_path: Path, neurons: NeuronConfig, config: ClusterConfig,
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    key, folder, arrays, images = picasso.save(stats, res, on_wait=on_wait, figures=figures, describe=describe)
+    key, folder, arrays, images = picasso.save_cluster(stats, res, on_wait=on_wait, figures=figures, describe=describe)
     return {**describe(key, folder, arrays, images), "seconds": round(time.perf_counter() - started, 3)}

@@ -17,7 +17,7 @@ def _figure(ncols: int, nrows: int = 1, size: float = 2.4):
     return plt, fig, axes
 
 
-def centre_maps(path: Path, maps: np.ndarray, title: str = "") -> str:
+def centre_maps_figure(path: Path, maps: np.ndarray, title: str = "") -> str:
     """One panel per cluster centre map (k, S, S)."""
     plt, fig, axes = _figure(len(maps))
     for c, (ax, m) in enumerate(zip(axes[0], maps, strict=True)):
@@ -29,7 +29,7 @@ def centre_maps(path: Path, maps: np.ndarray, title: str = "") -> str:
     return save_figure(fig, path)
 
 
-def segmentation(path: Path, seg: np.ndarray, k: int, title: str = "", references: np.ndarray | None = None) -> str:
+def segmentation_figure(path: Path, seg: np.ndarray, k: int, title: str = "", references: np.ndarray | None = None) -> str:
     """The per-pixel argmax of the centre maps, one colour per sub-concept; with `references`
     ((n, 3, H, W) in [0, 1]), up to 4 of them follow, the segmentation laid over each at 40%."""
     refs = [] if references is None else list(references[:4])
@@ -49,7 +49,7 @@ def segmentation(path: Path, seg: np.ndarray, k: int, title: str = "", reference
     return save_figure(fig, path)
 
 
-def similarity(path: Path, jaccard: np.ndarray, correlation: np.ndarray, cluster_jaccard: np.ndarray,
+def similarity_figure(path: Path, jaccard: np.ndarray, correlation: np.ndarray, cluster_jaccard: np.ndarray,
                timesteps: Sequence[int]) -> str:
     """Row 1: Jaccard of all kept sets, then each sub-concept's Jaccard; row 2: each sub-concept's weight correlation."""
     k = len(correlation)
@@ -69,7 +69,7 @@ def similarity(path: Path, jaccard: np.ndarray, correlation: np.ndarray, cluster
     return save_figure(fig, path)
 
 
-def sweep(path: Path, param: str, points) -> str:
+def sweep_figure(path: Path, param: str, points) -> str:
     """Metrics and FCM time against the swept parameter."""
     names = ("calinski_harabasz", "davies_bouldin", "silhouette", "fpc")
     plt, fig, axes = _figure(5, size=2.6)

@@ -53,7 +53,7 @@ class SubconceptMap:
         return [int(np.sum(self.labels == c)) for c in range(self.k)]
 
 
-def load(key_or_prefix: str) -> SubconceptMap:
+def load_map(key_or_prefix: str) -> SubconceptMap:
     """Read a cluster artifact (key or prefix) and the blocks of the neurons artifact it was built from."""
     art = store.find("cluster", key_or_prefix)
     m = art.manifest()
@@ -212,10 +212,18 @@ class SubconceptModification:
 
 def resolve(spec: SubconceptSpec, model) -> SubconceptMap:
     """Load the spec's cluster artifact and check that it fits `model` and has sub-concept C."""
-    sub = load(spec.key)
+    sub = load_map(spec.key)
     check_model(sub, model)
     gates(sub, spec.cluster, spec.mode, spec.scale)
     return sub
+
+
+def _sampling(model, sub: SubconceptMap, prompt: str | None, steps: int | None, guidance: float | None) -> tuple[str, int, float]:
+    """(prompt, steps, guidance): the ones given, else the cluster's harvest prompt and the model's defaults."""
+    prompt = prompt if prompt is not None else (sub.prompts[0] if sub.prompts else None)
+    if not prompt:
+        raise UsageError(f"cluster {sub.key} records no prompt; pass prompt=")
+    return prompt, steps or model.default_steps, model.default_guidance if guidance is None else guidance
 
 
 def render(model, sub: SubconceptMap | str, cluster: int, seeds: Sequence[int], *, mode: str = "only", scale: float = 0.0,
@@ -232,15 +240,11 @@ def render(model, sub: SubconceptMap | str, cluster: int, seeds: Sequence[int], 
         batch_size: images per sampler call.
         prompt: what to draw; None: the harvest prompt the cluster was made from.
     """
-    sub = load(sub) if isinstance(sub, str) else sub
+    sub = load_map(sub) if isinstance(sub, str) else sub
     check_model(sub, model)
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
-    prompt = prompt if prompt is not None else (sub.prompts[0] if sub.prompts else None)
-    if not prompt:
-        raise UsageError(f"cluster {sub.key} records no prompt; pass prompt=")
-    steps = steps or model.default_steps
-    guidance = model.default_guidance if guidance is None else guidance
+    prompt, steps, guidance = _sampling(model, sub, prompt, steps, guidance)
     seeds = list(seeds)
     mod = SubconceptModification(model.pipe.unet, sub, cluster, mode, scale)
     try:
@@ -256,11 +260,7 @@ def render_all(model, sub: SubconceptMap, seeds: Sequence[int], *, mode: str = "
     """The unmodified images (N, 3, H, W) and every sub-concept's on the same seeds (k, N, 3, H, W).
 
     `progress(done, k)` after each sub-concept."""
-    prompt = prompt if prompt is not None else (sub.prompts[0] if sub.prompts else None)
-    if not prompt:
-        raise UsageError(f"cluster {sub.key} records no prompt; pass prompt=")
-    steps = steps or model.default_steps
-    guidance = model.default_guidance if guidance is None else guidance
+    prompt, steps, guidance = _sampling(model, sub, prompt, steps, guidance)
     seeds = list(seeds)
     base = torch.cat([sample(model, prompt, seeds[i:i + batch_size], steps, guidance) for i in range(0, len(seeds), batch_size)])
     rows = []

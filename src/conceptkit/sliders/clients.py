@@ -74,14 +74,9 @@ def leading_timesteps(n: int) -> list[int]:
     return [(n - 1 - i) * ss + 1 for i in range(n)]
 
 
-def first_step(n: int, start: float) -> int:
-    """Index of the first step our sliders act on (`diffusion.window_steps`)."""
-    return window_steps(n, start)
-
-
 def comfy_start_percent(n: int, start: float) -> float:
-    """ComfyUI keyframe start_percent that switches on at our step `first_step(n, start)` (0.0 when that is step 0)."""
-    s = first_step(n, start)
+    """ComfyUI keyframe start_percent that switches on at our step `window_steps(n, start)` (0.0 when that is step 0)."""
+    s = window_steps(n, start)
     if s == 0:
         return 0.0
     t = leading_timesteps(n)
@@ -91,7 +86,7 @@ def comfy_start_percent(n: int, start: float) -> float:
 
 def loractl_tag(name: str, strength: float, n: int, start: float) -> str:
     """sd-webui-loractl's tag: the UNet weight 0 before step s, `strength` from step s on; text encoder 0."""
-    s = first_step(n, start)
+    s = window_steps(n, start)
     if s == 0:
         return lora_tag(name, strength)
     return f"<lora:{name}:te=0:unet=0@{s - 1},{strength:g}@{s},{strength:g}@{max(n, 2)}>"
@@ -142,7 +137,7 @@ def comfyui_workflow(sset, cfg: ClientSettings) -> dict[str, Any]:
     p = comfy_start_percent(steps, start)
     if p > 0:  # 2. off until the slider window opens
         off = node("CreateHookKeyframe", "sliders off", strength_mult=0.0, start_percent=0.0)
-        on = node("CreateHookKeyframe", f"sliders on from step {first_step(steps, start)} of {steps}",
+        on = node("CreateHookKeyframe", f"sliders on from step {window_steps(steps, start)} of {steps}",
                   strength_mult=1.0, start_percent=p, prev_hook_kf=off)
         hooks = node("SetHookKeyframes", "slider window", hooks=hooks, hook_kf=on)
     conds = node("PairConditioningSetProperties", "sliders on both CFG halves", positive_NEW=pos, negative_NEW=neg,
@@ -181,7 +176,7 @@ def write_clients(sset, folder: Path, formats: tuple[str, ...], cfg: ClientSetti
         files.append(folder / f"{sset.name}-comfyui.json")
         files[-1].write_text(json.dumps(workflow, indent=2) + "\n")
     if prompts is not None:
-        s = first_step(steps, start)
+        s = window_steps(steps, start)
         files.append(folder / f"{sset.name}-a1111.txt")
         files[-1].write_text(
             f"# conceptkit slider set {sset.name}: the sliders act from step {s} of {steps} (start {start:g}).\n"
@@ -191,4 +186,4 @@ def write_clients(sset, folder: Path, formats: tuple[str, ...], cfg: ClientSetti
             f"{prompts['plain']}\n"
             "# Generation parameters (paste into the prompt box and press the arrow to read them back):\n"
             f"{prompts['infotext']}\n")
-    return ClientExport(workflow, prompts, files, first_step(steps, start), steps, comfy_start_percent(steps, start))
+    return ClientExport(workflow, prompts, files, window_steps(steps, start), steps, comfy_start_percent(steps, start))

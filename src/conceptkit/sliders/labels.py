@@ -61,7 +61,7 @@ def alignment(shift: np.ndarray, directions: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def measure(model, bank, encoder, pairs, cond, guidance: float, directions: np.ndarray, *, n_pairs: int = 8,
+def measure_effects(model, bank, encoder, pairs, cond, guidance: float, directions: np.ndarray, *, n_pairs: int = 8,
             strength: float = 1.0, step: int = 10**6, chunk: int = 64) -> Effects:
     """Shift of every slider on `n_pairs` pairs drawn from `pairs` at `step` (held out from training).
 

@@ -187,7 +187,7 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         # the PCA holds every recorded step of every trajectory in float32: refuse before sampling if it cannot
         capacity.check_memory(2 * capacity.harvest_bytes(model, hcfg.resolved(model), cfg.samples), "the harvest for the PCA")
         hres = harvest.run(model, hcfg, on_wait=on_wait)
-        h = harvest.load(hres.path, samples=cfg.samples)
+        h = harvest.load_harvest(hres.path, samples=cfg.samples)
         guidance = float(hres.manifest["settings"]["guidance"])
         size = (int(hres.manifest["settings"]["height"]), int(hres.manifest["settings"]["width"]))
         # 2. decode and embed the x0 of every step (or of the last)
@@ -226,7 +226,7 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             # 5. measure and label
             say("measuring and labelling")
 
-            effects = slider_labels.measure(model, bank, encoder, pairs, cond, guidance, dirs.components,
+            effects = slider_labels.measure_effects(model, bank, encoder, pairs, cond, guidance, dirs.components,
                                             strength=cfg.train.strength)
             labels, scores, how = slider_labels.label(effects, encoder, cfg.prompt)
             # 6. write the set into a temporary folder, then rename it into place (the main process)

@@ -98,7 +98,7 @@ def rename(name: str, old: str, new: str) -> SliderSet:
     return load_set(name)
 
 
-def export_kohya(name: str, folder: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+def export_set(name: str, folder: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write every slider of set `name` as `<folder>/<set>-<index>-<label>.safetensors` in kohya format.
 
     `warn` gets one line (for the whole set) when some modules are ones kohya sd-scripts never loads."""

@@ -78,7 +78,7 @@ class Coupling:
         tmp.replace(path)
 
 
-def load(path: Path) -> Coupling:
+def load_coupling(path: Path) -> Coupling:
     from safetensors.torch import load_file
 
     t = load_file(str(path))

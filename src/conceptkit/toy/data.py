@@ -34,7 +34,7 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div(127.5).sub(1.0)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def signed_to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 3, 32, 32) float in [-1, 1] -> (N, 32, 32, 3) uint8."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()

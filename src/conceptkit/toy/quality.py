@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptkit.metrics import normalised_entropy
 from conceptkit.toy.analyse import Reading, analyse_batch
 from conceptkit.toy.data import make_pool
 from conceptkit.toy.model import load_clip, load_pipeline, sampling_defaults, weights_path
@@ -60,16 +61,12 @@ class QualityReport:
     passes: dict[str, bool] = field(default_factory=dict)
 
 
-def normalised_entropy(labels: list[str], values: tuple[str, ...]) -> float:
-    """Shannon entropy of the empirical distribution of `labels` over `values`, divided by log(len(values))."""
-    counts = np.array([labels.count(v) for v in values], np.float64)
-    if counts.sum() == 0:
-        return 0.0
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(len(values)))
+def factor_entropy(labels: list[str], values: tuple[str, ...]) -> float:
+    """`metrics.normalised_entropy` of the factor values read (labels outside `values` ignored; 0.0 when none)."""
+    ids = [values.index(v) for v in labels if v in values]
+    return normalised_entropy(ids, len(values)) if ids else 0.0
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 100) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images, image i from `prompts[i]` with its own generator seeded `seeds[i]`."""
     out = []
@@ -107,7 +104,7 @@ def measure(config: QualityConfig, weights: str | Path | None = None, log=lambda
         imgs = generate(pipe, ["a shape"] * config.diversity_images, [config.seed * 100_000 + 50_000 + i for i in range(config.diversity_images)],
                         config.steps, config.guidance, config.batch)
         readings = [r for r in analyse_batch(imgs) if r.valid]
-        res["diversity"] = {k: normalised_entropy([r.factors[k] for r in readings], v) for k, v in FACTORS.items()}
+        res["diversity"] = {k: factor_entropy([r.factors[k] for r in readings], v) for k, v in FACTORS.items()}
         res["diversity_valid"] = len(readings) / config.diversity_images
         log(f"diversity {res['diversity']} valid {res['diversity_valid']:.3f}")
     # 3. toy CLIP zero-shot accuracy on generator images

@@ -176,7 +176,7 @@ def train_unet(config: UnetTrainConfig, arch: ToyArchitecture, workdir: Path, ou
     if config.coupled:  # the factor subspaces, fixed for the whole line (built once from the pool's latents)
         if not (ckdir / coupling.FILE).exists():
             coupling.from_latents(latents[:20_000], scenes[:20_000]).save(ckdir / coupling.FILE)
-        cpl = coupling.load(ckdir / coupling.FILE)
+        cpl = coupling.load_coupling(ckdir / coupling.FILE)
     # 2. model, EMA, optimiser; resume
     unet = build_unet(arch)
     ema = copy.deepcopy(unet).requires_grad_(False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from conceptkit.toy.analyse import analyse_batch
 from conceptkit.toy.checkpoint import flatten_optimizer, load_latest, prefixed, restore_optimizer, save_checkpoint, unprefixed
-from conceptkit.toy.data import make_pool, step_generator, step_rng, to_uint8
+from conceptkit.toy.data import make_pool, step_generator, step_rng, signed_to_uint8
 from conceptkit.toy.model import ToyArchitecture, build_vae
 from conceptkit.toy.world import FACTORS
 
@@ -63,7 +63,7 @@ def reconstruction_report(vae, n: int = 1000, seed: int = 12345) -> dict[str, fl
     """How well the analyser reads VAE reconstructions of fresh images: per-factor accuracy, validity, MSE."""
     pool = make_pool(n, seed)
     rec = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in pool.images.split(500)])
-    readings = analyse_batch(to_uint8(rec))
+    readings = analyse_batch(signed_to_uint8(rec))
     out = {"valid": float(np.mean([r.valid for r in readings])), "mse": float(F.mse_loss(rec, pool.images))}
     for j, name in enumerate(FACTORS):
         out[name] = float(np.mean([r.valid and r.factors[name] == FACTORS[name][pool.factors[i, j]] for i, r in enumerate(readings)]))
