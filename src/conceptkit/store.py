@@ -38,7 +38,7 @@ from conceptkit.store_schema import NAME_RE, SCHEMA_VERSION, check_manifest
 APP = "conceptkit"
 MANIFEST = "manifest.json"
 # Which root each kind lives under: recomputable caches versus user data worth keeping.
-KINDS = {"harvest": "cache", "cluster": "cache", "evaluate": "cache", "sliders": "data", "neurons": "cache"}
+KINDS = {"harvest": "cache", "cluster": "cache", "evaluate": "cache", "sliders": "data", "neurons": "cache", "implant": "data"}
 
 
 def roots() -> dict[str, Path]:

@@ -181,6 +181,12 @@ SCHEMAS = {
     "evaluate": Schema("evaluate", {
         "what": (text, False), "arrays": (map_of(text), False), "encoder": (text, False),
     }),
+    "implant": Schema("implant", {
+        "token": (text, True), "init_word": (text, True), "method": (text, True), "model": (MODEL, True),
+        "file": (file_name(".safetensors"), True), "count": (integer(1), False), "image_files": (list_of(text), False),
+        "height": (integer(1), False), "width": (integer(1), False), "settings": (mapping, False),
+        "templates": (list_of(text), False), "loss": (map_of(optional_number), False),
+    }),
     "sliders": Schema("sliders", {
         "name": (name, True), "prompt": (text, True), "model": (MODEL, True), "encoder": (text, True),
         "settings": (record({"rank": (integer(1), True), "alpha": (number, True), "targets": (text, True)}), True),

@@ -11,6 +11,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from conceptkit.cli.common import app  # noqa: E402  after OMP_WAIT_POLICY
 
 # Importing a command module registers its command on `app`. Add new commands here.
-from conceptkit.cli import cache, cluster, evaluate, generate, harvest, models, sliders  # noqa: E402,F401  isort: skip
+from conceptkit.cli import cache, cluster, evaluate, generate, harvest, implant, models, sliders  # noqa: E402,F401  isort: skip
 
 __all__ = ["app"]

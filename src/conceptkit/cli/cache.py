@@ -20,7 +20,7 @@ from conceptkit.errors import UsageError
 @command
 def cache_path(json_out: JsonOpt = False) -> None:
     """Print where the store keeps caches and data."""
-    from conceptkit import store
+    from conceptkit import store  # deferred: --help loads no torch
 
     roots = {k: str(v) for k, v in store.roots().items()}
     if json_out:
@@ -33,11 +33,11 @@ def cache_path(json_out: JsonOpt = False) -> None:
 @cache_app.command("list")
 @command
 def cache_list(
-    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, neurons, cluster, evaluate or sliders.", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, neurons, cluster, evaluate, sliders or implant.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the artifacts in the store: kind, key, prompt, model, size and age; damaged ones with their path."""
-    from conceptkit import store, store_admin
+    from conceptkit import store, store_admin  # deferred: --help loads no torch
 
     if kind is not None:
         store.kind_dir(kind)  # an unknown kind is refused, with the kinds there are
@@ -69,7 +69,7 @@ def cache_clear(
     json_out: JsonOpt = False,
 ) -> None:
     """Remove one artifact, every artifact of a kind, or everything."""
-    from conceptkit import store, store_admin
+    from conceptkit import store, store_admin  # deferred: --help loads no torch
 
     if key is None and kind is None and not all_:
         raise UsageError("say what to clear: a KEY, --kind KIND or --all")
@@ -95,11 +95,11 @@ def cache_clear(
 @cache_app.command("verify")
 @command
 def cache_verify(
-    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, neurons, cluster, evaluate or sliders.", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind: harvest, neurons, cluster, evaluate, sliders or implant.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Read every artifact's manifest, file headers and shard checksums; exit 1 if any is damaged."""
-    from conceptkit import store, store_admin
+    from conceptkit import store, store_admin  # deferred: --help loads no torch
 
     if kind is not None:
         store.kind_dir(kind)

@@ -25,7 +25,7 @@ from conceptkit.errors import UsageError
 
 def _with_embedding(loaded, embedding, token, prompts):
     """The model with a textual-inversion token added (--embedding/--token), or unchanged."""
-    from conceptkit.models import textual_inversion
+    from conceptkit.models import textual_inversion  # deferred: --help loads no torch
 
     if embedding is None:
         return loaded
@@ -35,8 +35,8 @@ def _with_embedding(loaded, embedding, token, prompts):
 
 def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on, embedding=None, token=None):
     """(loaded model, harvest folder): the given harvest, or a fresh (cached) one of PROMPT."""
-    from conceptkit import harvest as stage
-    from conceptkit import store
+    from conceptkit import harvest as stage  # deferred: --help loads no torch
+    from conceptkit import store  # deferred: --help loads no torch
 
     if (prompt is None) == (harvest_key is None):
         raise UsageError("give a PROMPT or --harvest KEY (one of them)")
@@ -88,10 +88,10 @@ def cluster(
     json_out: JsonOpt = False,
 ) -> None:
     """Cluster a concept's neurons into sub-concepts (Picasso): importance per timestep, high-pass, PCA, fuzzy c-means."""
-    from conceptkit.models import textual_inversion
-    from conceptkit.picasso import cluster as picasso
-    from conceptkit.picasso import neurons as concept_neurons
-    from conceptkit.picasso import pipeline
+    from conceptkit.models import textual_inversion  # deferred: --help loads no torch
+    from conceptkit.picasso import cluster as picasso  # deferred: --help loads no torch
+    from conceptkit.picasso import neurons as concept_neurons  # deferred: --help loads no torch
+    from conceptkit.picasso import pipeline  # deferred: --help loads no torch
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded

@@ -18,9 +18,10 @@ try:  # typer 0.29 and newer carry their own copy of click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from conceptkit import ui
+from conceptkit import __version__, ui
 from conceptkit.cli import limits
 from conceptkit.errors import ConceptkitError
+from conceptkit.models import hub
 
 
 def _plain_flags(command) -> None:
@@ -167,9 +168,8 @@ def open_model(model: str | None, device: str, dtype: str, config: Path | None, 
     """
     import torch
 
-    from conceptkit import features
-    from conceptkit.models import hub
-    from conceptkit.models.load import hub_needs, load_model, resolve_device, resolve_dtype
+    from conceptkit import features  # deferred: --help loads no torch
+    from conceptkit.models.load import hub_needs, load_model, resolve_device, resolve_dtype  # deferred: --help loads no torch
 
     spec = model_spec(model)
     half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
@@ -184,8 +184,6 @@ def open_model(model: str | None, device: str, dtype: str, config: Path | None, 
 
 def _print_version(value: bool) -> None:
     if value:
-        from conceptkit import __version__
-
         print(f"conceptkit {__version__}")
         raise typer.Exit(0)
 
@@ -198,8 +196,6 @@ def main(
     ] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Download nothing: use the local Hugging Face cache only (as HF_HUB_OFFLINE=1 does).")] = False,
 ) -> None:
-    from conceptkit.models import hub
-
     _state["verbose"] = verbose
     hub.set_offline(offline)
 

@@ -30,8 +30,8 @@ def _fmt(v) -> str:
 def _finish(doc: dict, report: Path | None, json_out: bool, render) -> None:
     """Write the report (from the saved arrays), then print JSON on stdout or tables on stderr."""
     if report is not None:
-        from conceptkit.evaluate import common as evaluation
-        from conceptkit.evaluate import report as rep
+        from conceptkit.evaluate import common as evaluation  # deferred: --help loads no torch
+        from conceptkit.evaluate import report as rep  # deferred: --help loads no torch
 
         doc["report"] = rep.write(doc, evaluation.load_arrays(doc), report)
     if json_out:
@@ -81,10 +81,10 @@ def sliders(
     json_out: JsonOpt = False,
 ) -> None:
     """SliderSpace's concept decomposition: base vs random sparse sliders (diversity, CLIP score, FD), per-slider effects."""
-    from conceptkit.evaluate.sliders import SliderEvalConfig, run
-    from conceptkit.sliders.sets import load_set
+    from conceptkit.evaluate.sliders import SliderEvalConfig, run  # deferred: --help loads no torch
+    from conceptkit.sliders.sets import load_set  # deferred: --help loads no torch
 
-    from conceptkit.evaluate.lora import is_lora_file, lora_file_set, precheck, settings_for
+    from conceptkit.evaluate.lora import is_lora_file, lora_file_set, precheck, settings_for  # deferred: --help loads no torch
 
     cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
                            effect_strength=effect_strength, factor_seeds=factor_seeds, seed=seed, encoder=encoder,
@@ -129,7 +129,7 @@ def _render_sliders(doc: dict) -> None:
               for i, r in enumerate(doc["per_slider"])])
     t = doc.get("factor_table")
     if t:
-        from conceptkit.evaluate.toy_factors import ROW_TITLES
+        from conceptkit.evaluate.toy_factors import ROW_TITLES  # deferred: --help loads no torch
 
         ui.table(f"factor table (toy analyser; {t['seeds']} seeds at -/+{doc['effect_strength']:g}; noise floor from "
                  f"{t['base_seeds']} base seeds: " + ", ".join(f"{g} {v:.3f}" for g, v in t["floor"].items()) + ")",
@@ -167,8 +167,8 @@ def images(
     json_out: JsonOpt = False,
 ) -> None:
     """Fréchet distance, diversity and CLIP score of your own image folders."""
-    from conceptkit.evaluate.common import run_images
-    from conceptkit.models.load import resolve_device
+    from conceptkit.evaluate.common import run_images  # deferred: --help loads no torch
+    from conceptkit.models.load import resolve_device  # deferred: --help loads no torch
 
     with ui.progress("evaluate images", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         doc = run_images(a, b, prompt, encoder, device=resolve_device(device), progress=bar, on_wait=ui.info)
@@ -202,7 +202,7 @@ def cluster(
     json_out: JsonOpt = False,
 ) -> None:
     """Picasso's VbSC: render each sub-concept, embed, score as a clustering; elbow, tau curve, heatmap from the artifact."""
-    from conceptkit.evaluate.cluster import ClusterEvalConfig, cluster_model_spec, run
+    from conceptkit.evaluate.cluster import ClusterEvalConfig, cluster_model_spec, run  # deferred: --help loads no torch
 
     cfg = ClusterEvalConfig(per_subconcept=count, mode=mode, scale=scale, seed=seed, encoder=encoder, steps=steps,
                             guidance=guidance, batch_size=batch_size)

@@ -49,8 +49,8 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Draw images, optionally with sliders added or sub-concepts edited; every PNG carries its full settings."""
-    from conceptkit.models import textual_inversion
-    from conceptkit.generate import GenerateConfig, run
+    from conceptkit.models import textual_inversion  # deferred: --help loads no torch
+    from conceptkit.generate import GenerateConfig, run  # deferred: --help loads no torch
 
     cfg = GenerateConfig(prompt=prompt, count=count, seed=seed, steps=steps, guidance=guidance, out=out,
                          sliders=tuple(slider or ()), random_sliders=random_sliders, random_scale=random_scale,

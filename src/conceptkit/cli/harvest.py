@@ -20,11 +20,10 @@ from conceptkit.cli.common import (
     command,
 )
 from conceptkit.errors import UsageError
+from conceptkit.prompts import expand_templates, read_prompts_file
 
 
 def _read_prompts(prompt: str | None, prompts_file: Path | None, templates: bool) -> tuple[str, ...]:
-    from conceptkit.prompts import expand_templates, read_prompts_file
-
     prompts: list[str] = []
     if prompt is not None:
         prompts.append(prompt)
@@ -64,8 +63,8 @@ def harvest(
     json_out: JsonOpt = False,
 ) -> None:
     """Sample a concept and record every step's predicted clean latent (x0). Cached and resumable."""
-    from conceptkit import harvest as stage
-    from conceptkit.parallel import processes
+    from conceptkit import harvest as stage  # deferred: --help loads no torch
+    from conceptkit.parallel import processes  # deferred: --help loads no torch
 
     cfg = stage.HarvestConfig(
         prompts=_read_prompts(prompt, prompts_file, templates),
@@ -126,8 +125,8 @@ def _save_images(model, path: Path, out_dir: Path, samples: int) -> list[Path]:
 
     from PIL import Image, PngImagePlugin
 
-    from conceptkit import harvest, store
-    from conceptkit.diffusion import decode_batched
+    from conceptkit import harvest, store  # deferred: --help loads no torch
+    from conceptkit.diffusion import decode_batched  # deferred: --help loads no torch
 
     h = harvest.load_harvest(path, samples=samples, names=())
     try:

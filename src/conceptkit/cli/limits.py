@@ -9,8 +9,10 @@ tests/test_limits.py checks that every numeric option of every command has an en
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from conceptkit.errors import UsageError
+from conceptkit.outputs import check_output_folder
 
 SEED_MAX = 2**32 - 1  # the seed range UIs and most samplers use; trajectory i draws seed + i
 
@@ -96,10 +98,6 @@ OUTPUT_FOLDERS: dict[str, str] = {
 
 
 def check_outputs(values: dict) -> None:
-    from pathlib import Path
-
-    from conceptkit.outputs import check_output_folder
-
     for name, option in OUTPUT_FOLDERS.items():
         value = values.get(name)
         if isinstance(value, Path):

@@ -10,8 +10,8 @@ from conceptkit.cli.common import JsonOpt, app, command
 @command
 def models(json_out: JsonOpt = False) -> None:
     """List the built-in models and what each is for, and the toy world's factors and vocabulary."""
-    from conceptkit.models.load import builtin_models
-    from conceptkit.toy import describe
+    from conceptkit.models.load import builtin_models  # deferred: --help loads no torch
+    from conceptkit.toy import describe  # deferred: --help loads no torch
 
     items = builtin_models()
     toy = describe()

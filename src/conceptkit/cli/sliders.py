@@ -21,6 +21,7 @@ from conceptkit.cli.common import (
     open_model,
 )
 from conceptkit.errors import UsageError
+from conceptkit.sliders import defaults as slider_defaults
 
 
 class _TrainByDefault(TyperGroup):
@@ -78,10 +79,9 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train K sliders for a prompt: harvest, embed, PCA, one batched LoRA pass, labels. Resumable."""
-    from conceptkit.sliders import defaults as slider_defaults
-    from conceptkit.sliders import sets as slider_sets
-    from conceptkit.sliders.train import TrainSettings
-    from conceptkit.sliders.pipeline import SlidersConfig, run
+    from conceptkit.sliders import sets as slider_sets  # deferred: --help loads no torch
+    from conceptkit.sliders.train import TrainSettings  # deferred: --help loads no torch
+    from conceptkit.sliders.pipeline import SlidersConfig, run  # deferred: --help loads no torch
 
     def settings(d: dict) -> SlidersConfig:
         return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, encoder=encoder, rank=rank, targets=targets,
@@ -91,7 +91,7 @@ def train(
 
     given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr)
     settings(slider_defaults.resolve(slider_defaults.QUICK, **given)[0])  # bad input fails before the model loads
-    from conceptkit.parallel import processes
+    from conceptkit.parallel import processes  # deferred: --help loads no torch
 
     proc, world = processes()  # this process's index and the process count under `accelerate launch`
     if world > 1 and device == "auto":  # under `accelerate launch`: this process's own device
@@ -99,7 +99,7 @@ def train(
 
         device = str(PartialState().device)
     loaded = open_model(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
-    from conceptkit.sliders.layers import select_targets
+    from conceptkit.sliders.layers import select_targets  # deferred: --help loads no torch
 
     try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
         select_targets(loaded.pipe.unet, targets)
@@ -132,7 +132,7 @@ def train(
 
 def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) -> None:
     """The plan of a run: what it will harvest and train, the harvest's disk size, an estimated time."""
-    from conceptkit.sliders.plan import make_plan
+    from conceptkit.sliders.plan import make_plan  # deferred: --help loads no torch
 
     with ui.err.status("timing one UNet call"):
         plan = make_plan(loaded, cfg.prompt, cfg.samples, cfg.steps, cfg.guidance, cfg.count, cfg.train.steps,
@@ -157,7 +157,7 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) 
 @command
 def list_(json_out: JsonOpt = False) -> None:
     """List the slider sets in the store (damaged ones on stderr, with their path)."""
-    from conceptkit.sliders.sets import damaged_sets, list_sets
+    from conceptkit.sliders.sets import damaged_sets, list_sets  # deferred: --help loads no torch
 
     sets = list_sets()
     for exc in damaged_sets():
@@ -174,7 +174,7 @@ def list_(json_out: JsonOpt = False) -> None:
 @command
 def show(name: Annotated[str, typer.Argument(help="Set name.")], json_out: JsonOpt = False) -> None:
     """Show one set: its sliders, labels, explained variance and effect sizes."""
-    from conceptkit.sliders.sets import load_set
+    from conceptkit.sliders.sets import load_set  # deferred: --help loads no torch
 
     sset = load_set(name)
     if json_out:
@@ -192,7 +192,7 @@ def rename(
     json_out: JsonOpt = False,
 ) -> None:
     """Relabel one slider of a set (labels stay unique)."""
-    from conceptkit.sliders.sets import rename as do_rename
+    from conceptkit.sliders.sets import rename as do_rename  # deferred: --help loads no torch
 
     sset = do_rename(name, old, new)
     if json_out:
@@ -216,8 +216,8 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Write a set's sliders in kohya format (the file every other tool loads), and optionally a ComfyUI workflow and A1111 prompts that keep the slider window."""
-    from conceptkit.sliders.clients import ClientSettings, parse_strengths, write_clients
-    from conceptkit.sliders.sets import export_set, load_set
+    from conceptkit.sliders.clients import ClientSettings, parse_strengths, write_clients  # deferred: --help loads no torch
+    from conceptkit.sliders.sets import export_set, load_set  # deferred: --help loads no torch
 
     if format != "kohya":
         raise UsageError(f"unknown --format {format!r}; only kohya is supported (the set's own files are diffusers/peft)")

@@ -13,7 +13,6 @@ the manifest as `.npy` (read back with `allow_pickle=False`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from torch import nn
 from conceptkit import metrics, store
 from conceptkit.errors import DamagedArtifactError, UsageError
 from conceptkit.features import check_spec, load_encoder, resolve_spec
+from conceptkit.image_folder import folder_digest, read_images
 
 FORMAT = 2  # bump when a document's fields change, so older cached results are recomputed
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 Progress = Callable[..., None]
 
 
@@ -126,41 +125,14 @@ def preview(images: torch.Tensor, n: int = 32, side: int = 128) -> np.ndarray:
 
 
 def load_image_folder(folder: Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(N, 3, H, W) images in [0, 1] from a folder's PNG/JPG files (sorted), resized to `size` (W, H) or the first's.
+    """(N, 3, H, W) images in [0, 1] from a folder (`image_folder`), resized to `size` (W, H) or the first's.
 
     Bad input (no such folder, no images, an unreadable file, a single image) is a `UsageError`.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UsageError(f"no PNG or JPG images in {folder}")
-    if len(files) < 2:
+    arrays, names = read_images(folder, "image folder", size)
+    if len(arrays) < 2:
         raise UsageError(f"{folder} holds one image; diversity and the Fréchet distance need at least 2")
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                size = size or im.size
-                if im.size != size:
-                    im = im.resize(size, Image.Resampling.BICUBIC)
-                arrays.append(np.asarray(im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UsageError(f"cannot read image {p}: {exc}") from None
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return x, [p.name for p in files]
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over the image files' names and bytes: the folder's identity in a cache key."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in Path(folder).iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0, names
 
 
 # ---------------------------------------------------------------- the cache
@@ -231,7 +203,7 @@ def run_images(a: Path, b: Path | None, prompt: str | None, encoder_spec: str, *
     # 1. read the folders first: bad input fails before an encoder loads
     xa, names_a = load_image_folder(a)
     xb, names_b = load_image_folder(b) if b is not None else (None, [])
-    key = key_for("images", {"a": folder_digest(a), "b": folder_digest(b) if b is not None else None, "prompt": prompt,
+    key = key_for("images", {"a": folder_digest(a, "image folder"), "b": folder_digest(b, "image folder") if b is not None else None, "prompt": prompt,
                              "encoder": spec})
     hit = cached(key, on_wait)
     if hit is not None:

@@ -94,5 +94,10 @@ def add_embedding(model, path: str | Path, token: str):
     pipe.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
         pipe.text_encoder.get_input_embeddings().weight[token_id] = vec.to(table.weight.device, table.weight.dtype)
+    return with_token(model, token, vec)
+
+
+def with_token(model, token: str, vec: torch.Tensor):
+    """`model` with its fingerprint extended by the token and its vector: what it caches is keyed apart."""
     digest = hashlib.sha256(model.fingerprint.encode() + b"\0" + token.encode() + b"\0" + vec.float().numpy().tobytes()).hexdigest()
     return dataclasses.replace(model, fingerprint=digest)

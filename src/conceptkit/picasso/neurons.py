@@ -11,10 +11,9 @@ interrupted run resumes with the missing timesteps.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from conceptkit import harvest as harvest_stage
 from conceptkit import store
 from conceptkit.diffusion import conditioning, encode, restore_requires_grad, same_weights, save_requires_grad, training_target
 from conceptkit.errors import UsageError
+from conceptkit.image_folder import folder_digest, read_images
 from conceptkit.models.load import LoadedModel
 from conceptkit.picasso.attention import ConceptSink, capture, cross_attention_names
 from conceptkit.settings import NOT_RECORDED, key_settings
@@ -34,7 +34,6 @@ from conceptkit.tensor_files import tensor_problem
 
 NEURONS_FORMAT = 1
 IMPORTANCE_MODES = ("grad", "activation")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FP16_LOSS_SCALE = 1024.0  # a float16 backward pass multiplies the loss by this, then divides the gradients
 
 
@@ -163,29 +162,6 @@ def concept_mask(tokenizer, prompts: Sequence[str], concept: str | None) -> tupl
 # ---------------------------------------------------------------- references
 
 
-def _load_images(folder: Path, height: int, width: int) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UsageError(f"--reference-images {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    out = []
-    for p in files:
-        try:
-            img = Image.open(p).convert("RGB").resize((width, height), Image.BICUBIC)
-        except OSError as exc:
-            raise UsageError(f"cannot read reference image {p}: {exc}") from exc
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return torch.stack(out)
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- one timestep
 
 
@@ -282,10 +258,11 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
     prompts = list(m["prompts"])
     height, width = int(m["settings"]["height"]), int(m["settings"]["width"])
     if cfg.reference_images:
-        refs = encode(model, _load_images(Path(cfg.reference_images), height, width))
+        arrays, _ = read_images(Path(cfg.reference_images), "--reference-images", (width, height))
+        refs = encode(model, torch.from_numpy(arrays.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2))
         refs = refs[: cfg.samples] if cfg.samples else refs
         prompt_index = torch.arange(len(refs)) % len(prompts)
-        reference = {"images": str(Path(cfg.reference_images).resolve()), "digest": _digest(Path(cfg.reference_images))}
+        reference = {"images": str(Path(cfg.reference_images).resolve()), "digest": folder_digest(Path(cfg.reference_images), "--reference-images")[:16]}  # 16 hex: the key's format 1
     else:
         refs, prompt_index = h.final.float(), h.prompt_index
         reference = {"harvest": harvest_path.name, "samples": len(refs)}

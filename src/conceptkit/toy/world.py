@@ -119,11 +119,13 @@ def coverage(shape: str, side: np.ndarray, cx: np.ndarray, cy: np.ndarray, super
     return inside.reshape(n, IMAGE_SIZE, s, IMAGE_SIZE, s).mean(axis=(2, 4), dtype=np.float32)
 
 
-def render(scenes: list[Scene]) -> np.ndarray:
+def render(scenes: list[Scene], foreground: tuple[int, int, int] | None = None) -> np.ndarray:
     """Render scenes to images.
 
     Args:
         scenes: N scenes.
+        foreground: an RGB colour for every shape instead of the scenes' named colours (a colour
+            the toy never saw, for `implant`).
     Returns:
         (N, 32, 32, 3) uint8 RGB images.
     """
@@ -133,7 +135,7 @@ def render(scenes: list[Scene]) -> np.ndarray:
         idx = [i for i, sc in enumerate(scenes) if sc.shape == shape]
         if idx:
             alpha[idx] = coverage(shape, *(np.array([getattr(scenes[i], k) for i in idx]) for k in ("side", "cx", "cy")))
-    fg = np.array([COLOURS_RGB[sc.colour] for sc in scenes], np.float32)[:, None, None, :]
+    fg = np.array([foreground or COLOURS_RGB[sc.colour] for sc in scenes], np.float32)[:, None, None, :]
     bg = np.array([BACKGROUNDS_RGB[sc.background] for sc in scenes], np.float32)[:, None, None, :]
     img = bg + alpha[..., None] * (fg - bg)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -1,0 +1,158 @@
+"""`conceptkit implant` end to end: check the images and the token, encode the images once, learn the
+token's vector (resumable), write one artifact whole: the embedding in the layout diffusers,
+AUTOMATIC1111 and ComfyUI load, and a manifest.
+
+The artifact is keyed on the model's weights, the images' bytes and every setting that changes the
+result, so a rerun is a cache hit. The embedding file holds one tensor, `emb_params` (1, d): the
+single-tensor layout A1111 and ComfyUI read from their embeddings folders, and that diffusers'
+`load_textual_inversion(path, token=...)` reads; its metadata names the token, the method, the base
+model and the training. After a run the loaded pipeline knows the token (as `--embedding` would
+have taught it), and `run` returns the model whose fingerprint says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from conceptkit import __version__, store
+from conceptkit.diffusion import encode
+from conceptkit.errors import UsageError
+from conceptkit.image_folder import folder_digest, read_images
+from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vector
+from conceptkit.implant.train import TEMPLATES, TOY_TEMPLATES, train
+from conceptkit.models.textual_inversion import with_token
+from conceptkit.settings import NOT_RECORDED, key_settings, manifest_settings
+
+IMPLANT_FORMAT = 1
+EMBEDDING_FILE = "embedding.safetensors"
+METHODS = ("ti",)
+MAX_IMAGES = 256
+
+
+@dataclass(frozen=True)
+class ImplantConfig:
+    """What to learn; every field enters the key unless its metadata says otherwise (`settings`)."""
+
+    images: str = field(metadata=NOT_RECORDED)  # folder of the concept's images; enters the key by its bytes, not its path
+    token: str  # the new word, e.g. "<my-thing>"
+    init_word: str  # a word close to the concept: where the vector starts
+    method: str = "ti"  # ti: one learned input embedding (Gal et al. 2022)
+    steps: int = 500  # optimiser steps
+    lr: float = 5e-3  # AdamW learning rate of the vector
+    batch_size: int = 4  # images per step
+    seed: int = 0  # the batches, timesteps and noise
+    progress_every: int = field(default=1, metadata=NOT_RECORDED)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.steps < 1:
+            raise UsageError(f"--steps must be at least 1 (got {self.steps})")
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number (got {self.lr})")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+
+@dataclass(frozen=True)
+class Implanted:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    model: Any  # the LoadedModel that knows the token
+    cached: bool
+    seconds: float
+
+    @property
+    def embedding(self) -> Path:
+        return self.path / EMBEDDING_FILE
+
+
+def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, on_wait=None) -> Implanted:
+    """Learn `cfg.token` from the images in `cfg.images` (see the module doc)."""
+    started = time.perf_counter()
+    # 1. every input checked before any work
+    check_supported(model)
+    check_new_token(model, cfg.token)
+    start = init_vector(model, cfg.init_word)
+    height, width = _size(model)
+    arrays, names = read_images(Path(cfg.images), "IMAGES_DIR", (width, height))
+    if len(arrays) > MAX_IMAGES:
+        raise UsageError(f"IMAGES_DIR {cfg.images}: {len(arrays)} images; implant takes at most {MAX_IMAGES}")
+    key = store.make_key({"format": IMPLANT_FORMAT, "model": model.identity(), "images": folder_digest(Path(cfg.images), "IMAGES_DIR"),
+                          "settings": key_settings(cfg)})
+    art = store.artifact("implant", key)
+    learned = LearnedToken(model, cfg.token, start)
+    with art.lock(on_wait=on_wait):
+        if art.exists():
+            manifest = art.manifest()
+            vec = _read_vector(art.path / EMBEDDING_FILE)
+            with torch.no_grad():
+                learned.vector.copy_(vec.to(learned.vector.device))
+            learned.finish()
+            return Implanted(key, art.path, manifest, with_token(model, cfg.token, vec), True, time.perf_counter() - started)
+        # 2. the images as latents, once
+        images = torch.from_numpy(arrays.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+        latents = encode(model, images)
+        # 3. learn the vector, resumable
+        work = art.path.parent / f".work-{key}"
+        work.mkdir(parents=True, exist_ok=True)
+        templates = TOY_TEMPLATES if model.spec == "toy" else TEMPLATES
+        losses = train(model, learned, latents, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                       templates=templates, checkpoint=work / "checkpoint.safetensors", key=key, progress=progress)
+        vec = learned.finish()
+        if not torch.isfinite(vec).all():
+            raise UsageError("the learned vector holds NaN or infinite values; lower --lr")
+        # 4. one artifact, written whole
+        manifest = {
+            "created": time.time(), "complete": True, "token": cfg.token, "init_word": cfg.init_word, "method": cfg.method,
+            "model": model.identity(), "images": str(Path(cfg.images).resolve()), "image_files": names, "count": len(names),
+            "height": height, "width": width, "settings": manifest_settings(cfg), "templates": list(templates),
+            "file": EMBEDDING_FILE, "loss": {"first": _mean(losses[:10]), "last": _mean(losses[-10:])},
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        tmp = art.path.parent / f".tmp-{key}-{os.getpid()}"
+        store.remove_tree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            save_file({"emb_params": vec[None].contiguous()}, str(tmp / EMBEDDING_FILE), metadata=_file_metadata(manifest, model))
+            store.Artifact("implant", key, tmp).write_manifest(manifest)
+            store.publish(tmp, art.path)
+        finally:
+            store.remove_tree(tmp)
+        shutil.rmtree(work, ignore_errors=True)
+    return Implanted(key, art.path, art.manifest(), with_token(model, cfg.token, vec), False, time.perf_counter() - started)
+
+
+def _size(model) -> tuple[int, int]:
+    unet, vae_scale = model.pipe.unet, model.pipe.vae_scale_factor
+    side = int(unet.config.sample_size) * int(vae_scale)
+    return side, side
+
+
+def _read_vector(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["emb_params"][0].float()
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _file_metadata(manifest: dict[str, Any], model) -> dict[str, str]:
+    """safetensors metadata (strings): what the file is and where it came from."""
+    return {"conceptkit_version": __version__, "token": manifest["token"], "method": manifest["method"],
+            "init_word": manifest["init_word"], "base_model": model.spec, "base_model_arch": model.arch,
+            "base_model_fingerprint": model.fingerprint, "steps": str(manifest["settings"]["steps"]),
+            "images": str(manifest["count"])}

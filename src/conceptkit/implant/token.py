@@ -1,0 +1,68 @@
+"""A new token in a loaded SD 1.x/2.x pipeline whose input embedding is a trainable vector.
+
+The pipeline is changed in place (its tokenizer gains the token), as loading an embedding does.
+
+Textual inversion (Gal et al. 2022, Sec. 3): the token is added to the tokenizer and the text
+encoder's embedding table; a forward hook on that table swaps the token's row for the vector
+being learned, so gradients reach the vector alone and every other word stays exactly as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from conceptkit.errors import UsageError
+
+
+def check_new_token(model, token: str) -> None:
+    """The token must be one word the tokenizer does not know yet."""
+    if not token or token != token.strip() or any(ch.isspace() for ch in token):
+        raise UsageError(f"--token {token!r} must be one word without spaces, e.g. '<my-thing>'")
+    tok = model.pipe.tokenizer
+    if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
+        raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
+
+
+def check_supported(model) -> None:
+    if getattr(model.pipe, "text_encoder_2", None) is not None:
+        raise UsageError(f"implant supports SD 1.x/2.x models (one text tower); {model.spec} is {model.arch}")
+
+
+def init_vector(model, init_word: str) -> torch.Tensor:
+    """The mean input embedding of the init word's tokens: where the new word starts (d,)."""
+    if not init_word.strip():
+        raise UsageError("--init-word is empty: give a word close to the concept, e.g. --init-word dog")
+    ids = model.pipe.tokenizer(init_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise UsageError(f"--init-word {init_word!r} gives no tokens")
+    table = model.pipe.text_encoder.get_input_embeddings().weight
+    return table[torch.tensor(ids, device=table.device)].detach().float().mean(0).cpu()
+
+
+class LearnedToken:
+    """`token` in the pipeline's tokenizer, its embedding row replaced by `vector` while installed."""
+
+    def __init__(self, model, token: str, vector: torch.Tensor):
+        pipe = model.pipe
+        self.tokenizer, self.encoder = pipe.tokenizer, pipe.text_encoder
+        self.token = token
+        self.tokenizer.add_tokens([token])
+        self.id = self.tokenizer.convert_tokens_to_ids(token)
+        self.encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        table = self.encoder.get_input_embeddings()
+        self.vector = torch.nn.Parameter(vector.detach().to(table.weight.device, torch.float32).clone())
+        self._hook = table.register_forward_hook(self._swap)
+
+    def _swap(self, _module, inputs, output):
+        ids = inputs[0]
+        where = (ids == self.id).unsqueeze(-1)
+        return torch.where(where, self.vector.to(output.dtype), output)
+
+    def finish(self) -> torch.Tensor:
+        """Write the learned vector into the embedding table and take the hook off: the pipeline now
+        knows the token as `models.textual_inversion.add_embedding` would have taught it. Returns it."""
+        self._hook.remove()
+        table = self.encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[self.id] = self.vector.detach().to(table.dtype)
+        return self.vector.detach().float().cpu()

@@ -1,0 +1,143 @@
+"""`conceptkit implant`: textual inversion end to end on the toy and tiny-sd, its file in the layouts
+diffusers, A1111 and ComfyUI read, resume, cache hits and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conceptkit.cli import app
+from conceptkit.implant import train as implant_train
+from conceptkit.implant.pipeline import ImplantConfig, run
+from conceptkit.implant.token import LearnedToken, init_vector
+from conceptkit.models.load import load_model
+from conceptkit.toy.world import Scene, render
+from _cli import one_line_error
+
+runner = CliRunner()
+
+
+def _diamonds(folder: Path, n: int = 6) -> Path:
+    """Red diamonds on varied backgrounds and places: the concept the new word should learn."""
+    folder.mkdir(parents=True)
+    scenes = [Scene("diamond", "red", "medium", h, v, bg, 13.0, cx, cy)
+              for (h, cx), (v, cy), bg in zip([("left", 12.0), ("centre", 16.0), ("right", 20.0)] * 2,
+                                                 [("top", 12.0), ("middle", 16.0), ("bottom", 20.0)] * 2,
+                                                 ["black", "white", "gray"] * 2)][:n]
+    for i, img in enumerate(render(scenes)):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _implant(args, json_out=True):
+    result = runner.invoke(app, ["implant", *args, *(["--json"] if json_out else [])])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if json_out else result
+
+
+def test_implant_writes_one_embedding_every_client_reads_and_a_rerun_is_cached(tmp_path):
+    images = _diamonds(tmp_path / "imgs")
+    doc = _implant([str(images), "--token", "<thing>", "--init-word", "shape", "--train-steps", "12", "--out", str(tmp_path / "out")])
+    assert doc["cached"] is False and doc["images"] == 6 and doc["method"] == "ti"
+    path = Path(doc["embedding"])
+    tensors = load_file(str(path))
+    assert list(tensors) == ["emb_params"]  # A1111's and ComfyUI's single-tensor layout
+    width = load_model("toy").pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    assert tensors["emb_params"].shape == (1, width)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["token"] == "<thing>" and meta["method"] == "ti" and meta["base_model"] == "toy" and meta["steps"] == "12"
+    assert Path(doc["copied_to"]).read_bytes() == path.read_bytes()
+    again = _implant([str(images), "--token", "<thing>", "--init-word", "shape", "--train-steps", "12"])
+    assert again["cached"] is True and again["key"] == doc["key"]
+    # diffusers' own loader takes it, and puts the same vector in the table
+    pipe = load_model("toy").pipe
+    pipe.load_textual_inversion(str(path), token="<thing>")
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<thing>")]
+    assert torch.equal(row.detach().float(), tensors["emb_params"][0].float())
+    # and conceptkit's generate and cluster read it with --embedding
+    out = runner.invoke(app, ["generate", "a <thing>", "--embedding", str(path), "--token", "<thing>", "--count", "1",
+                              "--out", str(tmp_path / "gen"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.stdout)["files"]) == 1
+
+
+def test_the_learned_vector_moves_and_other_words_stay_as_they_were(tmp_path):
+    model = load_model("toy")
+    table = model.pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    res = run(model, ImplantConfig(images=str(_diamonds(tmp_path / "imgs")), token="<thing>", init_word="shape", steps=8))
+    learned = load_file(str(res.embedding))["emb_params"][0]
+    assert not torch.allclose(learned, init_vector(load_model("toy"), "shape"))
+    after = model.pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(after[: len(table)], table)  # every other word as it was
+    assert torch.equal(after[len(table)].float(), learned.float())  # the model now knows the new word
+    assert res.model.fingerprint != model.fingerprint
+
+
+def test_an_interrupted_training_resumes_to_the_same_vector(tmp_path, monkeypatch):
+    monkeypatch.setattr(implant_train, "CHECKPOINT_EVERY", 3)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    start = init_vector(load_model("toy"), "shape")
+
+    def train(ckpt, progress=None):
+        model = load_model("toy")
+        learned = LearnedToken(model, "<thing>", start)
+        losses = implant_train.train(model, learned, latents, steps=7, lr=1e-2, batch_size=2, seed=0, templates=("a {}",),
+                                     checkpoint=ckpt, key="k", progress=progress)
+        return learned.vector.detach(), losses
+
+    straight, _ = train(tmp_path / "a.safetensors")
+
+    def stop(done, total, **_):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b.safetensors", stop)
+    assert (tmp_path / "b.safetensors").is_file()  # the checkpoint of step 3
+    resumed, losses = train(tmp_path / "b.safetensors")
+    assert len(losses) == 7
+    assert torch.equal(resumed, straight)
+
+
+def test_implant_runs_on_tiny_sd(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    doc = _implant([str(folder), "--model", "tiny-sd", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3"])
+    assert doc["model"] == "tiny-sd" and Path(doc["embedding"]).is_file()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    good = _diamonds(tmp_path / "imgs", 3)
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    base = ["--init-word", "shape", "--train-steps", "2"]
+    cases = [
+        ([str(tmp_path / "empty"), "--token", "<t>", *base], "no PNG or JPG"),
+        ([str(tmp_path / "nowhere"), "--token", "<t>", *base], "not a folder"),
+        ([str(bad), "--token", "<t>", *base], "broken.png"),
+        ([str(good), "--token", "shape", *base], "already a word"),
+        ([str(good), "--token", "two words", *base], "one word"),
+        ([str(good), "--token", "<t>", "--init-word", " ", "--train-steps", "2"], "--init-word"),
+        ([str(good), "--token", "<t>", *base, "--method", "xti"], "--method"),
+        ([str(good), "--token", "<t>", *base, "--lr", "0"], "--lr"),
+        ([str(good), "--token", "<t>", "--init-word", "shape", "--train-steps", "0"], "--train-steps"),
+        ([str(good), "--token", "<t>", *base, "--model", "tiny-sdxl"], "SD 1.x/2.x"),
+    ]
+    for args, fragment in cases:
+        assert fragment in one_line_error(runner.invoke(app, ["implant", *args])), args
+    home = tmp_path / "home"
+    assert not (home / "data" / "implant").exists() or not any((home / "data" / "implant").iterdir())
