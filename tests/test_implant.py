@@ -141,3 +141,67 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert fragment in one_line_error(runner.invoke(app, ["implant", *args])), args
     home = tmp_path / "home"
     assert not (home / "data" / "implant").exists() or not any((home / "data" / "implant").iterdir())
+
+
+def test_temporal_learns_one_vector_per_group_and_d1_is_ti(tmp_path):
+    images = str(_diamonds(tmp_path / "imgs", 4))
+    ti = run(load_model("toy"), ImplantConfig(images=images, token="<a>", init_word="shape", steps=4))
+    d1 = run(load_model("toy"), ImplantConfig(images=images, token="<a>", init_word="shape", steps=4, method="temporal"))
+    v_ti = load_file(str(ti.embedding))["emb_params"][0]
+    v_d1 = load_file(str(d1.path / d1.manifest["temporal_file"]))["vectors"]
+    assert v_d1.shape == (1, v_ti.shape[0]) and torch.allclose(v_d1[0], v_ti, atol=1e-6)
+    d3 = run(load_model("toy"), ImplantConfig(images=images, token="<a>", init_word="shape", steps=30, method="temporal", temporal_dim=3))
+    vectors = load_file(str(d3.path / "temporal.safetensors"))["vectors"]
+    assert vectors.shape[0] == 3 and not torch.allclose(vectors[0], vectors[2])  # the groups learned apart
+    with safe_open(str(d3.path / "temporal.safetensors"), framework="pt") as f:
+        assert f.metadata()["method"] == "temporal" and f.metadata()["temporal_dim"] == "3"
+    portable = load_file(str(d3.embedding))["emb_params"]
+    assert torch.allclose(portable[0], vectors.mean(0), atol=1e-6)  # what other tools get: the mean
+    assert len(d3.model.tokens_in_time) == 1 and d3.model.fingerprint != d1.model.fingerprint
+
+
+def test_a_word_in_time_changes_the_conditioning_step_by_step(tmp_path):
+    from conceptkit.diffusion import conditioning, sample
+    from conceptkit.models.textual_inversion import add_embedding
+    from safetensors.torch import save_file
+
+    base = load_model("toy")
+    width = base.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    vectors = torch.randn(2, width, generator=g) * 0.3
+    path = tmp_path / "t.safetensors"
+    save_file({"vectors": vectors}, str(path), metadata={"method": "temporal", "temporal_dim": "2"})
+    model = add_embedding(base, path, "<w>")
+    early = conditioning(model, ["a <w>"], 32, 32, guidance=False, timestep=900).cond
+    late = conditioning(model, ["a <w>"], 32, 32, guidance=False, timestep=100).cond
+    plain = conditioning(model, ["a <w>"], 32, 32, guidance=False).cond
+    assert not torch.allclose(early, late) and not torch.allclose(plain, early)
+    # sampling re-encodes the prompt rows at every step: images differ from the mean word's
+    same = add_embedding(load_model("toy"), _mean_file(tmp_path, vectors), "<w>")
+    a, b = sample(model, "a <w>", [0, 1], 6, 3.0), sample(same, "a <w>", [0, 1], 6, 3.0)
+    assert (a - b).abs().max() > 1e-3
+    # and with both groups' vectors equal, the word in time is the plain word
+    flat = tmp_path / "flat.safetensors"
+    save_file({"vectors": vectors.mean(0).expand(2, -1).contiguous()}, str(flat), metadata={"method": "temporal", "temporal_dim": "2"})
+    c = sample(add_embedding(load_model("toy"), flat, "<w>"), "a <w>", [0, 1], 6, 3.0)
+    assert (c - b).abs().max() < 1e-4
+
+
+def _mean_file(tmp_path, vectors):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "mean.safetensors"
+    save_file({"emb_params": vectors.mean(0)[None].contiguous()}, str(path))
+    return path
+
+
+def test_cluster_reads_a_temporal_word_in_its_own_groups(tmp_path):
+    images = _diamonds(tmp_path / "imgs", 4)
+    doc = _implant([str(images), "--token", "<thing>", "--init-word", "shape", "--train-steps", "6", "--method", "temporal", "-D", "2"])
+    assert doc["embedding"].endswith("temporal.safetensors") and doc["temporal_dim"] == 2
+    out = runner.invoke(app, ["cluster", "a <thing>", "--embedding", doc["embedding"], "--token", "<thing>", "--samples", "2",
+                              "--steps", "4", "--k", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["temporal_dim"] == 2
+    bad = runner.invoke(app, ["implant", str(images), "--token", "<x>", "--init-word", "shape", "-D", "2"])
+    assert "--temporal-dim" in one_line_error(bad)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from conceptkit.errors import UsageError
@@ -130,11 +131,16 @@ def sdxl_time_ids(height: int, width: int, n: int, device, dtype) -> torch.Tenso
 
 
 @torch.no_grad()
-def conditioning(model, prompts: Sequence[str], height: int, width: int, guidance: bool) -> Conditioning:
-    """Prompt embeddings as the pipeline makes them (empty negative prompt when `guidance`)."""
+def conditioning(model, prompts: Sequence[str], height: int, width: int, guidance: bool, timestep: int | None = None) -> Conditioning:
+    """Prompt embeddings as the pipeline makes them (empty negative prompt when `guidance`).
+
+    With `timestep`, a learned word whose vector changes with the timestep (`model.tokens_in_time`)
+    takes its vector for that timestep's group; without, the mean its table row holds.
+    """
     pipe, device = model.pipe, model.device
-    out = pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
-                             do_classifier_free_guidance=guidance, negative_prompt=None)
+    with token_rows(model, timestep):
+        out = pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=guidance, negative_prompt=None)
     if model.arch != "sdxl":
         pe, npe = out[0], out[1]
         return Conditioning(pe, npe if guidance else None)
@@ -142,6 +148,56 @@ def conditioning(model, prompts: Sequence[str], height: int, width: int, guidanc
     ids = sdxl_time_ids(height, width, len(prompts), device, pe.dtype)
     return Conditioning(pe, npe if guidance else None, {"text_embeds": pooled, "time_ids": ids},
                         {"text_embeds": npooled, "time_ids": ids} if guidance else None)
+
+
+def token_groups(model, timestep: int) -> tuple[int, ...]:
+    """The timestep group of each learned word in time (each with its own D)."""
+    n_train = int(model.pipe.scheduler.config.num_train_timesteps)
+    return tuple(int(timestep_groups([timestep], len(vectors), n_train)[0]) for _, vectors in model.tokens_in_time)
+
+
+@contextmanager
+def token_rows(model, timestep: int | None) -> Iterator[None]:
+    """Inside the block, each learned word in time has its vector for `timestep` in the embedding table."""
+    if timestep is None or not model.tokens_in_time:
+        yield
+        return
+    table = model.pipe.text_encoder.get_input_embeddings().weight
+    saved = [table[token_id].detach().clone() for token_id, _ in model.tokens_in_time]
+    try:
+        with torch.no_grad():
+            for (token_id, vectors), g in zip(model.tokens_in_time, token_groups(model, timestep)):
+                table[token_id] = vectors[g].to(table.device, table.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for (token_id, _), row in zip(model.tokens_in_time, saved):
+                table[token_id] = row
+
+
+class _WordsInTime:
+    """A UNet pre-hook for sampling with learned words in time: the prompt rows of the UNet's text
+    conditioning are re-encoded with each word's vector for the current timestep's group."""
+
+    def __init__(self, model, prompt: str, n: int):
+        self.model, self.prompt, self.n = model, prompt, n
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.handle = model.pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t)
+        groups = token_groups(self.model, t)
+        if groups not in self.cache:
+            self.cache[groups] = conditioning(self.model, [self.prompt], 0, 0, guidance=False, timestep=t).cond
+        states = kwargs["encoder_hidden_states"]
+        cond = self.cache[groups].to(states.dtype).expand(self.n, -1, -1)
+        rows = slice(states.shape[0] - self.n, None)  # the pipeline's batch is [uncond; cond] with guidance
+        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([states[:rows.start], cond])}
+        return args, kwargs
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 # ---------------------------------------------------------------- the same weights
@@ -152,13 +208,40 @@ def same_weights(identity: dict[str, Any] | None, model) -> bool:
     return (identity or {}).get("fingerprint") == model.fingerprint
 
 
-# ---------------------------------------------------------------- sampling
+# ---------------------------------------------------------------- the denoising steps
+
+
+def timestep_groups(timesteps, D: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Group of each timestep, floor(t * D / num_train_timesteps) clipped to [0, D-1] (ProSpect, Zhang et al. 2023).
+
+    With D = 10 and 1000 training steps, t = 0..99 -> 0, ..., t = 900..999 -> 9.
+
+    Args:
+        timesteps: (T,) scheduler timesteps (ints or floats, any order).
+        D: number of groups, >= 1.
+        num_train_timesteps: the scheduler's training horizon.
+
+    Returns:
+        (T,) int64 group ids.
+    """
+    if int(D) != D or D < 1:
+        raise UsageError(f"D (the number of timestep groups) must be a positive integer, got {D}")
+    if num_train_timesteps <= 0:
+        raise UsageError(f"num_train_timesteps must be positive, got {num_train_timesteps}")
+    if hasattr(timesteps, "detach"):
+        timesteps = timesteps.detach().cpu().numpy()
+    t = np.asarray(timesteps, dtype=np.float64)
+    g = np.floor(t * int(D) / num_train_timesteps).astype(np.int64)
+    return np.clip(g, 0, int(D) - 1)
 
 
 def window_steps(n_steps: int, start: float) -> int:
     """Index of the first of `n_steps` denoising steps a modification acts on from fraction `start` of
     them on (at least 0, at most n_steps - 1): SliderSpace's slider window."""
     return min(n_steps - 1, round(start * n_steps))
+
+
+# ---------------------------------------------------------------- sampling
 
 
 class Modification(Protocol):
@@ -172,6 +255,7 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
     """Images (N, 3, H, W) in [0, 1] for `seeds`, with `mods` stepped along the denoising loop."""
     pipe = model.pipe
     gens = generators(model.device, seeds)
+    words = _WordsInTime(model, prompt, len(seeds)) if model.tokens_in_time else None
     for m in mods:
         m.set_step(0, steps)
 
@@ -180,6 +264,10 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
             m.set_step(i + 1, steps)
         return kwargs
 
-    out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-               output_type="pt", callback_on_step_end=on_step_end if mods else None).images
+    try:
+        out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   output_type="pt", callback_on_step_end=on_step_end if mods else None).images
+    finally:
+        if words is not None:
+            words.remove()
     return out.float().clamp(0, 1).cpu()

@@ -186,6 +186,7 @@ SCHEMAS = {
         "file": (file_name(".safetensors"), True), "count": (integer(1), False), "image_files": (list_of(text), False),
         "height": (integer(1), False), "width": (integer(1), False), "settings": (mapping, False),
         "templates": (list_of(text), False), "loss": (map_of(optional_number), False),
+        "temporal_dim": (integer(1), False), "temporal_file": (file_name(".safetensors"), False),
     }),
     "sliders": Schema("sliders", {
         "name": (name, True), "prompt": (text, True), "model": (MODEL, True), "encoder": (text, True),

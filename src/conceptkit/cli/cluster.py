@@ -63,7 +63,7 @@ def cluster(
     tau: Annotated[float, typer.Option(help="High-pass threshold on neuron importance (a quantile in [0, 1) by default).")] = 0.9,
     tau_mode: Annotated[str, typer.Option(help="quantile, relative (tau x max) or absolute.")] = "quantile",
     k: Annotated[int, typer.Option("--k", help="Sub-concepts (fuzzy c-means clusters).")] = 4,
-    temporal_dim: Annotated[int, typer.Option("--temporal-dim", "-D", help="Timestep groups D; group of t is int(t*D/1000).")] = 3,
+    temporal_dim: Annotated[Optional[int], typer.Option("--temporal-dim", "-D", help="Timestep groups D; group of t is int(t*D/1000). Default: 3, or a temporal --embedding's own D.", show_default=False)] = None,
     pca_dim: Annotated[int, typer.Option(help="PCA components before clustering.")] = 8,
     fuzziness: Annotated[float, typer.Option(help="FCM fuzzifier m (> 1).")] = 2.0,
     map_size: Annotated[Optional[int], typer.Option(help="Side the Fs maps are resized to. Default: the largest layer's.", show_default=False)] = None,
@@ -98,6 +98,9 @@ def cluster(
     textual_inversion.check_token(token, embedding)
     if embedding is not None and prompt is not None:
         textual_inversion.check_in_prompts(token, [prompt])
+    if temporal_dim is None:  # a word learned in D timestep groups is clustered in its own groups
+        vectors = textual_inversion.read_embedding(embedding, token) if embedding is not None else None
+        temporal_dim = vectors.shape[0] if vectors is not None and vectors.ndim == 2 else 3
     ccfg = picasso.ClusterConfig(tau=tau, tau_mode=tau_mode, k=k, temporal_dim=temporal_dim, pca_dim=pca_dim,
                                  fuzziness=fuzziness, seed=seed, map_size=map_size)
     ncfg = concept_neurons.NeuronConfig(concept=concept, importance=importance, seed=seed, batch_size=batch_size, fs_size=fs_size,

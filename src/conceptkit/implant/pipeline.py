@@ -12,6 +12,7 @@ have taught it), and `run` returns the model whose fingerprint says so.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -30,12 +31,13 @@ from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
 from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vector
 from conceptkit.implant.train import TEMPLATES, TOY_TEMPLATES, train
-from conceptkit.models.textual_inversion import with_token
+from conceptkit.models.textual_inversion import MAX_TEMPORAL_DIM, with_token
 from conceptkit.settings import NOT_RECORDED, key_settings, manifest_settings
 
 IMPLANT_FORMAT = 1
 EMBEDDING_FILE = "embedding.safetensors"
-METHODS = ("ti",)
+METHODS = ("ti", "temporal")
+TEMPORAL_FILE = "temporal.safetensors"
 MAX_IMAGES = 256
 
 
@@ -46,7 +48,8 @@ class ImplantConfig:
     images: str = field(metadata=NOT_RECORDED)  # folder of the concept's images; enters the key by its bytes, not its path
     token: str  # the new word, e.g. "<my-thing>"
     init_word: str  # a word close to the concept: where the vector starts
-    method: str = "ti"  # ti: one learned input embedding (Gal et al. 2022)
+    method: str = "ti"  # ti: one learned input embedding (Gal et al. 2022); temporal: one per timestep group
+    temporal_dim: int = 1  # D timestep groups of `temporal` (1 for ti)
     steps: int = 500  # optimiser steps
     lr: float = 5e-3  # AdamW learning rate of the vector
     batch_size: int = 4  # images per step
@@ -58,6 +61,10 @@ class ImplantConfig:
             raise UsageError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise UsageError(f"--steps must be at least 1 (got {self.steps})")
+        if self.method == "ti" and self.temporal_dim != 1:
+            raise UsageError(f"--temporal-dim {self.temporal_dim} needs --method temporal (ti learns one vector)")
+        if not 1 <= self.temporal_dim <= MAX_TEMPORAL_DIM:
+            raise UsageError(f"--temporal-dim must be between 1 and {MAX_TEMPORAL_DIM} (got {self.temporal_dim})")
         if not (np.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a positive number (got {self.lr})")
         if self.batch_size < 1:
@@ -92,15 +99,17 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
     key = store.make_key({"format": IMPLANT_FORMAT, "model": model.identity(), "images": folder_digest(Path(cfg.images), "IMAGES_DIR"),
                           "settings": key_settings(cfg)})
     art = store.artifact("implant", key)
+    if cfg.method == "temporal":
+        start = start.expand(cfg.temporal_dim, -1).clone()
     learned = LearnedToken(model, cfg.token, start)
     with art.lock(on_wait=on_wait):
         if art.exists():
             manifest = art.manifest()
-            vec = _read_vector(art.path / EMBEDDING_FILE)
+            vec = _read_vectors(art.path, manifest)
             with torch.no_grad():
                 learned.vector.copy_(vec.to(learned.vector.device))
             learned.finish()
-            return Implanted(key, art.path, manifest, with_token(model, cfg.token, vec), True, time.perf_counter() - started)
+            return Implanted(key, art.path, manifest, _knowing(model, learned, cfg.token, vec), True, time.perf_counter() - started)
         # 2. the images as latents, once
         images = torch.from_numpy(arrays.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         latents = encode(model, images)
@@ -118,20 +127,34 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
             "created": time.time(), "complete": True, "token": cfg.token, "init_word": cfg.init_word, "method": cfg.method,
             "model": model.identity(), "images": str(Path(cfg.images).resolve()), "image_files": names, "count": len(names),
             "height": height, "width": width, "settings": manifest_settings(cfg), "templates": list(templates),
-            "file": EMBEDDING_FILE, "loss": {"first": _mean(losses[:10]), "last": _mean(losses[-10:])},
+            "temporal_dim": cfg.temporal_dim, "file": EMBEDDING_FILE,
+            **({"temporal_file": TEMPORAL_FILE} if cfg.method == "temporal" else {}), "loss": {"first": _mean(losses[:10]), "last": _mean(losses[-10:])},
             "seconds": round(time.perf_counter() - started, 3),
         }
         tmp = art.path.parent / f".tmp-{key}-{os.getpid()}"
         store.remove_tree(tmp)
         tmp.mkdir(parents=True)
         try:
-            save_file({"emb_params": vec[None].contiguous()}, str(tmp / EMBEDDING_FILE), metadata=_file_metadata(manifest, model))
+            meta = _file_metadata(manifest, model)
+            # the portable file: one vector (a temporal word's mean over its groups, what other tools can use)
+            save_file({"emb_params": (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()}, str(tmp / EMBEDDING_FILE),
+                      metadata={**meta, "method": "ti" if vec.ndim == 1 else "temporal-mean"})
+            if vec.ndim == 2:  # conceptkit's own layout: every group's vector (generate and cluster read it)
+                save_file({"vectors": vec.contiguous()}, str(tmp / TEMPORAL_FILE), metadata=meta)
             store.Artifact("implant", key, tmp).write_manifest(manifest)
             store.publish(tmp, art.path)
         finally:
             store.remove_tree(tmp)
         shutil.rmtree(work, ignore_errors=True)
-    return Implanted(key, art.path, art.manifest(), with_token(model, cfg.token, vec), False, time.perf_counter() - started)
+    return Implanted(key, art.path, art.manifest(), _knowing(model, learned, cfg.token, vec), False, time.perf_counter() - started)
+
+
+def _knowing(model, learned: LearnedToken, token: str, vec: torch.Tensor):
+    """The model that knows the word: its fingerprint extended, and a word in time recorded for sampling."""
+    known = with_token(model, token, vec)
+    if vec.ndim == 2:
+        known = dataclasses.replace(known, tokens_in_time=(*known.tokens_in_time, (learned.id, vec.float())))
+    return known
 
 
 def _size(model) -> tuple[int, int]:
@@ -140,10 +163,12 @@ def _size(model) -> tuple[int, int]:
     return side, side
 
 
-def _read_vector(path: Path) -> torch.Tensor:
+def _read_vectors(folder: Path, manifest: dict[str, Any]) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    return load_file(str(path))["emb_params"][0].float()
+    if manifest.get("temporal_file"):
+        return load_file(str(folder / manifest["temporal_file"]))["vectors"].float()
+    return load_file(str(folder / manifest["file"]))["emb_params"][0].float()
 
 
 def _mean(values: list[float]) -> float | None:
@@ -155,4 +180,4 @@ def _file_metadata(manifest: dict[str, Any], model) -> dict[str, str]:
     return {"conceptkit_version": __version__, "token": manifest["token"], "method": manifest["method"],
             "init_word": manifest["init_word"], "base_model": model.spec, "base_model_arch": model.arch,
             "base_model_fingerprint": model.fingerprint, "steps": str(manifest["settings"]["steps"]),
-            "images": str(manifest["count"])}
+            "images": str(manifest["count"]), "temporal_dim": str(manifest["temporal_dim"])}

@@ -40,7 +40,11 @@ def init_vector(model, init_word: str) -> torch.Tensor:
 
 
 class LearnedToken:
-    """`token` in the pipeline's tokenizer, its embedding row replaced by `vector` while installed."""
+    """`token` in the pipeline's tokenizer, its embedding row replaced by a learned vector while installed.
+
+    `vector` is (d,), or (D, d) for one vector per timestep group (`implant --method temporal`):
+    set `rows` to each caption's group before encoding a batch.
+    """
 
     def __init__(self, model, token: str, vector: torch.Tensor):
         pipe = model.pipe
@@ -51,18 +55,21 @@ class LearnedToken:
         self.encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         table = self.encoder.get_input_embeddings()
         self.vector = torch.nn.Parameter(vector.detach().to(table.weight.device, torch.float32).clone())
+        self.rows: torch.Tensor | None = None  # (b,) group of each caption, for (D, d) vectors
         self._hook = table.register_forward_hook(self._swap)
 
     def _swap(self, _module, inputs, output):
         ids = inputs[0]
         where = (ids == self.id).unsqueeze(-1)
-        return torch.where(where, self.vector.to(output.dtype), output)
+        vec = self.vector if self.vector.ndim == 1 else self.vector[self.rows.to(self.vector.device)][:, None, :]
+        return torch.where(where, vec.to(output.dtype), output)
 
     def finish(self) -> torch.Tensor:
         """Write the learned vector into the embedding table and take the hook off: the pipeline now
         knows the token as `models.textual_inversion.add_embedding` would have taught it. Returns it."""
         self._hook.remove()
         table = self.encoder.get_input_embeddings().weight
+        vec = self.vector.detach()
         with torch.no_grad():
-            table[self.id] = self.vector.detach().to(table.dtype)
-        return self.vector.detach().float().cpu()
+            table[self.id] = (vec if vec.ndim == 1 else vec.float().mean(0)).to(table.dtype)
+        return vec.float().cpu()

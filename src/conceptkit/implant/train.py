@@ -1,5 +1,7 @@
 """Textual inversion's optimisation: the denoising loss of the user's images, captioned with the new
-token, minimised over the token's input embedding alone (Gal et al. 2022, Eq. 2).
+token, minimised over the token's input embedding alone (Gal et al. 2022, Eq. 2). With D vectors
+(the temporal extension of the prompt space, as Picasso and ProSpect use it), a sample at timestep t
+trains the vector of t's group, floor(t * D / num_train_timesteps).
 
 Each step draws `batch_size` images, a caption template each, a timestep uniform in
 [0, num_train_timesteps) and fresh noise, all from (seed, step), so a resumed run continues the
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conceptkit import store
-from conceptkit.diffusion import frozen, training_target
+from conceptkit.diffusion import frozen, timestep_groups, training_target
 from conceptkit.implant.token import LearnedToken
 
 CHECKPOINT_EVERY = 50  # optimiser steps between checkpoints
@@ -49,6 +51,9 @@ def draw(step: int, seed: int, n_images: int, batch_size: int, latent_shape, n_t
 def loss_at(model, learned: LearnedToken, latents: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The denoising loss of one batch, differentiable in the token's vector."""
     pipe, device = model.pipe, model.device
+    if learned.vector.ndim == 2:  # one vector per timestep group: each caption takes its timestep's
+        groups = timestep_groups(batch.t, learned.vector.shape[0], int(pipe.scheduler.config.num_train_timesteps))
+        learned.rows = torch.from_numpy(groups)
     ids = pipe.tokenizer(batch.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
     states = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)

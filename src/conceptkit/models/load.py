@@ -61,6 +61,8 @@ class LoadedModel:
     dtype: torch.dtype
     default_steps: int  # sampling steps that suit this model (1-4 for few-step distilled models)
     default_guidance: float  # classifier-free guidance scale that suits it (0.0 for Turbo)
+    # learned words whose vector changes with the timestep (`implant --method temporal`): (token id, (D, d) vectors)
+    tokens_in_time: tuple = ()
 
     def identity(self) -> dict:
         """What names this model in cache keys and manifests (JSON-able)."""

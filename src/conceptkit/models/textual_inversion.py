@@ -5,7 +5,10 @@ table, for this process only; the model's fingerprint is extended with the token
 so that everything cached with it (harvests, neuron statistics, clusters) is keyed apart from the
 plain model. Files are read with safetensors only (a pickled `.bin`/`.pt` is refused). Accepted
 layouts: diffusers' `{token: (d,)}` and A1111's `{"emb_params": (1, d)}`, or any file with a
-single tensor of shape (d,) or (1, d). Multi-vector embeddings are refused.
+single tensor of shape (d,) or (1, d); and conceptkit's temporal layout `{"vectors": (D, d)}`
+(`implant --method temporal`, metadata `method: temporal`): one vector per timestep group, the
+table then holding their mean and the model recording the D vectors (`tokens_in_time`), which
+conditioning and sampling use step by step (`diffusion`). Multi-token embeddings are refused.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import torch
 
 from conceptkit.errors import UsageError
 
+MAX_TEMPORAL_DIM = 16
+
 
 def read_embedding(path: str | Path, token: str) -> torch.Tensor:
-    """The (d,) vector of `token` in a safetensors file."""
-    from safetensors import SafetensorError
+    """The token's vectors in a safetensors file: (d,) for one vector, (D, d) for a temporal one."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -32,9 +37,15 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
         raise UsageError(f"--embedding {path}: no such file")
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"--embedding {path}: not a readable safetensors file ({exc})") from None
-    if token in tensors:
+    if meta.get("method") == "temporal" and "vectors" in tensors:
+        vec = tensors["vectors"]
+        if vec.ndim != 2 or not 1 <= vec.shape[0] <= MAX_TEMPORAL_DIM or str(vec.shape[0]) != meta.get("temporal_dim"):
+            raise UsageError(f"--embedding {path}: a temporal embedding must hold (D, d) vectors, D = its temporal_dim in 1..{MAX_TEMPORAL_DIM}")
+    elif token in tensors:
         vec = tensors[token]
     elif "emb_params" in tensors:
         vec = tensors["emb_params"]
@@ -42,9 +53,9 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
         vec = next(iter(tensors.values()))
     else:
         raise UsageError(f"--embedding {path}: holds {', '.join(sorted(tensors)[:5])}, none of them {token!r}; pass the right --token")
-    if vec.ndim == 2 and vec.shape[0] == 1:
+    if meta.get("method") != "temporal" and vec.ndim == 2 and vec.shape[0] == 1:
         vec = vec[0]
-    if vec.ndim != 1:
+    if vec.ndim != 1 and meta.get("method") != "temporal":
         raise UsageError(f"--embedding {path}: a {tuple(vec.shape)} tensor; only single-vector embeddings (d,) or (1, d) are supported")
     if not torch.isfinite(vec.float()).all():
         raise UsageError(f"--embedding {path}: the vector holds NaN or infinite values")
@@ -84,8 +95,8 @@ def add_embedding(model, path: str | Path, token: str):
     vec = read_embedding(path, token)
     table = pipe.text_encoder.get_input_embeddings()
     width = table.weight.shape[1]
-    if vec.shape[0] != width:
-        raise UsageError(f"--embedding {path}: a vector of width {vec.shape[0]}, but {model.spec}'s text encoder takes {width}")
+    if vec.shape[-1] != width:
+        raise UsageError(f"--embedding {path}: a vector of width {vec.shape[-1]}, but {model.spec}'s text encoder takes {width}")
     tok = pipe.tokenizer
     if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
         raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
@@ -93,8 +104,12 @@ def add_embedding(model, path: str | Path, token: str):
     token_id = tok.convert_tokens_to_ids(token)
     pipe.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
-        pipe.text_encoder.get_input_embeddings().weight[token_id] = vec.to(table.weight.device, table.weight.dtype)
-    return with_token(model, token, vec)
+        pipe.text_encoder.get_input_embeddings().weight[token_id] = (vec if vec.ndim == 1 else vec.float().mean(0)).to(
+            table.weight.device, table.weight.dtype)
+    model = with_token(model, token, vec)
+    if vec.ndim == 2:
+        model = dataclasses.replace(model, tokens_in_time=(*model.tokens_in_time, (token_id, vec.float())))
+    return model
 
 
 def with_token(model, token: str, vec: torch.Tensor):

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conceptkit.diffusion import timestep_groups  # noqa: F401  one grouping for Picasso and implant
 from conceptkit.errors import UsageError
 
 __all__ = [
@@ -23,30 +24,6 @@ __all__ = [
 ]
 
 HIGH_PASS_MODES = ("quantile", "relative", "absolute")
-
-
-def timestep_groups(timesteps, D: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Group of each timestep, floor(t * D / num_train_timesteps) clipped to [0, D-1] (ProSpect, Zhang et al. 2023).
-
-    With D = 10 and 1000 training steps, t = 0..99 -> 0, ..., t = 900..999 -> 9.
-
-    Args:
-        timesteps: (T,) scheduler timesteps (ints or floats, any order).
-        D: number of groups, >= 1.
-        num_train_timesteps: the scheduler's training horizon.
-
-    Returns:
-        (T,) int64 group ids.
-    """
-    if int(D) != D or D < 1:
-        raise UsageError(f"D (the number of timestep groups) must be a positive integer, got {D}")
-    if num_train_timesteps <= 0:
-        raise UsageError(f"num_train_timesteps must be positive, got {num_train_timesteps}")
-    if hasattr(timesteps, "detach"):
-        timesteps = timesteps.detach().cpu().numpy()
-    t = np.asarray(timesteps, dtype=np.float64)
-    g = np.floor(t * int(D) / num_train_timesteps).astype(np.int64)
-    return np.clip(g, 0, int(D) - 1)
 
 
 def high_pass(importance, tau: float, mode: str = "quantile", *, axis: int | None = -1) -> np.ndarray:

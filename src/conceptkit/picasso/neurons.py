@@ -273,11 +273,16 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
     art = store.artifact("neurons", key)
     # 3. conditioning and concept tokens, per prompt then per reference
     mask_p, picked = concept_mask(model.pipe.tokenizer, prompts, cfg.concept)
-    cond = conditioning(model, prompts, height, width, guidance=False)
-    embeds_p, added_p = cond.cond, cond.added_cond or {}
     idx = prompt_index.long()
-    embeds, mask = embeds_p[idx.to(embeds_p.device)].detach(), mask_p[idx]
-    added = {k: v[idx.to(v.device)].detach() for k, v in added_p.items()}
+    mask = mask_p[idx]
+
+    def text(timestep: int | None):
+        """Per reference: the prompt's embeddings (a learned word in time takes its vector for `timestep`)."""
+        cond = conditioning(model, prompts, height, width, guidance=False, timestep=timestep)
+        embeds_p, added_p = cond.cond, cond.added_cond or {}
+        return embeds_p[idx.to(embeds_p.device)].detach(), {k: v[idx.to(v.device)].detach() for k, v in added_p.items()}
+
+    embeds, added = text(None)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     noise = torch.randn(refs.shape, generator=gen)
     # 4. every missing timestep, one atomic file each
@@ -295,6 +300,8 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
         if progress:
             progress(len(timesteps) - len(todo), len(timesteps))
         for n, s in enumerate(todo):
+            if model.tokens_in_time:
+                embeds, added = text(timesteps[s])
             out = step_statistics(model, refs, noise, timesteps[s], embeds, added, mask, cfg.importance, cfg.batch_size, cfg.fs_size)
             store.write_tensors(art.path / _step_name(s), out, {"format": str(NEURONS_FORMAT), "timestep": str(timesteps[s])})
             blocks = blocks or _describe_blocks(model, out)
