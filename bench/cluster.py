@@ -7,6 +7,7 @@ saved arrays with scikit-learn (tolerance 1e-6). Prints one JSON document on std
 command in a fresh process on purpose: it times what a user waits for, interpreter start included.
 
        python bench/cluster.py vbsc [--prompt "a red circle"] [--images 32] [--draws 5] [--modes close,only] [--grids DIR]
+                             [--embedding FILE --token WORD --temporal-dim D]   (a word learned by `conceptkit implant`)
 Clusters PROMPT through the library (`picasso.pipeline.run`, cached in --keep), renders every sub-concept in each mode and as many random
 neuron groups of the same sizes (`conceptkit.evaluate.vbsc.vbsc`), embeds the images with the toy
 CLIP and scores them as a clustering; reads the toy images with the analyser. One JSON document.
@@ -104,6 +105,9 @@ def vbsc_main(argv: list[str]) -> None:
     p.add_argument("--grids", default=None, help="write one PNG per mode: unmodified row, then a row per sub-concept")
     p.add_argument("--keep", default=None, help="use this CONCEPTKIT_HOME (kept) instead of a temporary one")
     p.add_argument("--samples", type=int, default=8, help="harvest trajectories (the cluster command's default)")
+    p.add_argument("--embedding", default=None, help="a learned word (`conceptkit implant`) the prompt uses, with --token")
+    p.add_argument("--token", default=None)
+    p.add_argument("--temporal-dim", type=int, default=3, help="Picasso's D (a temporal embedding's own D is usual)")
     args = p.parse_args(argv)
 
     home = args.keep or tempfile.mkdtemp(prefix="ck-bench-")
@@ -120,8 +124,15 @@ def vbsc_main(argv: list[str]) -> None:
 
     # the clustering `conceptkit cluster PROMPT --tau T --k K` makes, through the library (cached in --keep)
     model = load_model(args.model)
+    embedding = None
+    if args.embedding:
+        from conceptkit.models.textual_inversion import add_embedding
+
+        model = add_embedding(model, args.embedding, args.token)
+        embedding = {"path": args.embedding, "token": args.token}
     made = harvest.run(model, harvest.HarvestConfig(prompts=(args.prompt,), samples=args.samples))
-    doc = pipeline.run(model, made.path, NeuronConfig(), ClusterConfig(tau=float(args.tau), k=int(args.k)))
+    doc = pipeline.run(model, made.path, NeuronConfig(), ClusterConfig(tau=float(args.tau), k=int(args.k), temporal_dim=args.temporal_dim),
+                       embedding=embedding)
     cmd = [sys.executable, "-m", "conceptkit", "cluster", args.prompt, "--model", args.model, "--tau", args.tau, "--k", args.k,
            "--samples", str(args.samples)]
     sub = subconcepts.load_map(doc["key"])
