@@ -118,6 +118,26 @@ def test_implant_runs_on_tiny_sd(tmp_path):
     assert doc["model"] == "tiny-sd" and Path(doc["embedding"]).is_file()
 
 
+def test_implant_on_tiny_sdxl_learns_one_vector_per_text_tower(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    doc = _implant([str(folder), "--model", "tiny-sdxl", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3"])
+    tensors = load_file(doc["embedding"])
+    pipe = load_model("tiny-sdxl").pipe
+    widths = (pipe.text_encoder.get_input_embeddings().weight.shape[1], pipe.text_encoder_2.get_input_embeddings().weight.shape[1])
+    assert sorted(tensors) == ["clip_g", "clip_l"]  # A1111's and ComfyUI's SDXL layout
+    assert (tensors["clip_l"].shape[-1], tensors["clip_g"].shape[-1]) == widths
+    # diffusers loads it tower by tower, as its SDXL textual-inversion docs do
+    pipe.load_textual_inversion(tensors["clip_l"][0], token="<noise>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(tensors["clip_g"][0], token="<noise>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    out = runner.invoke(app, ["generate", "a <noise>", "--model", "tiny-sdxl", "--embedding", doc["embedding"], "--token", "<noise>",
+                              "--count", "1", "--steps", "2", "--out", str(tmp_path / "gen"), "--json"])
+    assert out.exit_code == 0, out.output
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     good = _diamonds(tmp_path / "imgs", 3)
     (tmp_path / "empty").mkdir()
@@ -135,7 +155,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([str(good), "--token", "<t>", *base, "--method", "xti"], "--method"),
         ([str(good), "--token", "<t>", *base, "--lr", "0"], "--lr"),
         ([str(good), "--token", "<t>", "--init-word", "shape", "--train-steps", "0"], "--train-steps"),
-        ([str(good), "--token", "<t>", *base, "--model", "tiny-sdxl"], "SD 1.x/2.x"),
+        ([str(good), "--token", "<t>", *base, "--model", "tiny-sdxl", "--method", "temporal"], "SD 1.x/2.x"),
     ]
     for args, fragment in cases:
         assert fragment in one_line_error(runner.invoke(app, ["implant", *args])), args

@@ -29,7 +29,7 @@ from conceptkit import __version__, store
 from conceptkit.diffusion import encode
 from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
-from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vector
+from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vectors
 from conceptkit.implant.train import TEMPLATES, TOY_TEMPLATES, train
 from conceptkit.models.textual_inversion import MAX_TEMPORAL_DIM, with_token
 from conceptkit.settings import NOT_RECORDED, key_settings, manifest_settings
@@ -89,9 +89,9 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
     """Learn `cfg.token` from the images in `cfg.images` (see the module doc)."""
     started = time.perf_counter()
     # 1. every input checked before any work
-    check_supported(model)
+    check_supported(model, cfg.method)
     check_new_token(model, cfg.token)
-    start = init_vector(model, cfg.init_word)
+    starts = init_vectors(model, cfg.init_word)
     height, width = _size(model)
     arrays, names = read_images(Path(cfg.images), "IMAGES_DIR", (width, height))
     if len(arrays) > MAX_IMAGES:
@@ -100,28 +100,29 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
                           "settings": key_settings(cfg)})
     art = store.artifact("implant", key)
     if cfg.method == "temporal":
-        start = start.expand(cfg.temporal_dim, -1).clone()
-    learned = LearnedToken(model, cfg.token, start)
+        starts = [v.expand(cfg.temporal_dim, -1).clone() for v in starts]
+    words = [LearnedToken(model, cfg.token, v, tower) for tower, v in enumerate(starts)]
     with art.lock(on_wait=on_wait):
         if art.exists():
             manifest = art.manifest()
-            vec = _read_vectors(art.path, manifest)
-            with torch.no_grad():
-                learned.vector.copy_(vec.to(learned.vector.device))
-            learned.finish()
-            return Implanted(key, art.path, manifest, _knowing(model, learned, cfg.token, vec), True, time.perf_counter() - started)
+            for word, vec in zip(words, _read_vectors(art.path, manifest), strict=True):
+                with torch.no_grad():
+                    word.vector.copy_(vec.to(word.vector.device))
+            vecs = [w.finish() for w in words]
+            return Implanted(key, art.path, manifest, _knowing(model, words, cfg.token, vecs), True, time.perf_counter() - started)
         # 2. the images as latents, once
         images = torch.from_numpy(arrays.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         latents = encode(model, images)
-        # 3. learn the vector, resumable
+        # 3. learn the vectors (one per text tower), resumable
         work = art.path.parent / f".work-{key}"
         work.mkdir(parents=True, exist_ok=True)
         templates = TOY_TEMPLATES if model.spec == "toy" else TEMPLATES
-        losses = train(model, learned, latents, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        losses = train(model, words, latents, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                        templates=templates, checkpoint=work / "checkpoint.safetensors", key=key, progress=progress)
-        vec = learned.finish()
-        if not torch.isfinite(vec).all():
+        vecs = [w.finish() for w in words]
+        if not all(torch.isfinite(v).all() for v in vecs):
             raise UsageError("the learned vector holds NaN or infinite values; lower --lr")
+        vec = vecs[0]
         # 4. one artifact, written whole
         manifest = {
             "created": time.time(), "complete": True, "token": cfg.token, "init_word": cfg.init_word, "method": cfg.method,
@@ -136,9 +137,11 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
         tmp.mkdir(parents=True)
         try:
             meta = _file_metadata(manifest, model)
-            # the portable file: one vector (a temporal word's mean over its groups, what other tools can use)
-            save_file({"emb_params": (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()}, str(tmp / EMBEDDING_FILE),
-                      metadata={**meta, "method": "ti" if vec.ndim == 1 else "temporal-mean"})
+            if len(vecs) == 2:  # SDXL: A1111's and ComfyUI's two-tower layout
+                portable = {"clip_l": vecs[0][None].contiguous(), "clip_g": vecs[1][None].contiguous()}
+            else:  # one vector (a temporal word's mean over its groups, what other tools can use)
+                portable = {"emb_params": (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()}
+            save_file(portable, str(tmp / EMBEDDING_FILE), metadata={**meta, "method": "ti" if vec.ndim == 1 else "temporal-mean"})
             if vec.ndim == 2:  # conceptkit's own layout: every group's vector (generate and cluster read it)
                 save_file({"vectors": vec.contiguous()}, str(tmp / TEMPORAL_FILE), metadata=meta)
             store.Artifact("implant", key, tmp).write_manifest(manifest)
@@ -146,14 +149,14 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
         finally:
             store.remove_tree(tmp)
         shutil.rmtree(work, ignore_errors=True)
-    return Implanted(key, art.path, art.manifest(), _knowing(model, learned, cfg.token, vec), False, time.perf_counter() - started)
+    return Implanted(key, art.path, art.manifest(), _knowing(model, words, cfg.token, vecs), False, time.perf_counter() - started)
 
 
-def _knowing(model, learned: LearnedToken, token: str, vec: torch.Tensor):
+def _knowing(model, words: list[LearnedToken], token: str, vecs: list[torch.Tensor]):
     """The model that knows the word: its fingerprint extended, and a word in time recorded for sampling."""
-    known = with_token(model, token, vec)
-    if vec.ndim == 2:
-        known = dataclasses.replace(known, tokens_in_time=(*known.tokens_in_time, (learned.id, vec.float())))
+    known = with_token(model, token, vecs[0] if len(vecs) == 1 else torch.cat(vecs))
+    if vecs[0].ndim == 2:
+        known = dataclasses.replace(known, tokens_in_time=(*known.tokens_in_time, (words[0].id, vecs[0].float())))
     return known
 
 
@@ -163,12 +166,16 @@ def _size(model) -> tuple[int, int]:
     return side, side
 
 
-def _read_vectors(folder: Path, manifest: dict[str, Any]) -> torch.Tensor:
+def _read_vectors(folder: Path, manifest: dict[str, Any]) -> list[torch.Tensor]:
+    """Per text tower, the vectors a finished artifact holds."""
     from safetensors.torch import load_file
 
     if manifest.get("temporal_file"):
-        return load_file(str(folder / manifest["temporal_file"]))["vectors"].float()
-    return load_file(str(folder / manifest["file"]))["emb_params"][0].float()
+        return [load_file(str(folder / manifest["temporal_file"]))["vectors"].float()]
+    tensors = load_file(str(folder / manifest["file"]))
+    if "clip_l" in tensors:
+        return [tensors["clip_l"][0].float(), tensors["clip_g"][0].float()]
+    return [tensors["emb_params"][0].float()]
 
 
 def _mean(values: list[float]) -> float | None:

@@ -14,29 +14,46 @@ import torch
 from conceptkit.errors import UsageError
 
 
+def towers(model) -> list[tuple]:
+    """(tokenizer, text encoder) of each text tower: one for SD 1.x/2.x, two for SDXL (CLIP-L, then OpenCLIP-G)."""
+    pipe = model.pipe
+    out = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return out
+
+
 def check_new_token(model, token: str) -> None:
-    """The token must be one word the tokenizer does not know yet."""
+    """The token must be one word no tokenizer of the model knows yet."""
     if not token or token != token.strip() or any(ch.isspace() for ch in token):
         raise UsageError(f"--token {token!r} must be one word without spaces, e.g. '<my-thing>'")
-    tok = model.pipe.tokenizer
-    if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
-        raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
+    for tok, _ in towers(model):
+        if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
+            raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
 
 
-def check_supported(model) -> None:
-    if getattr(model.pipe, "text_encoder_2", None) is not None:
-        raise UsageError(f"implant supports SD 1.x/2.x models (one text tower); {model.spec} is {model.arch}")
+def check_supported(model, method: str) -> None:
+    if method != "ti" and model.arch == "sdxl":
+        raise UsageError(f"--method {method} supports SD 1.x/2.x models (one text tower); {model.spec} is SDXL: use --method ti")
+
+
+def init_vectors(model, init_word: str) -> list[torch.Tensor]:
+    """Per text tower, the mean input embedding of the init word's tokens: where the new word starts (d,)."""
+    if not init_word.strip():
+        raise UsageError("--init-word is empty: give a word close to the concept, e.g. --init-word dog")
+    out = []
+    for tok, encoder in towers(model):
+        ids = tok(init_word, add_special_tokens=False).input_ids
+        if not ids:
+            raise UsageError(f"--init-word {init_word!r} gives no tokens")
+        table = encoder.get_input_embeddings().weight
+        out.append(table[torch.tensor(ids, device=table.device)].detach().float().mean(0).cpu())
+    return out
 
 
 def init_vector(model, init_word: str) -> torch.Tensor:
-    """The mean input embedding of the init word's tokens: where the new word starts (d,)."""
-    if not init_word.strip():
-        raise UsageError("--init-word is empty: give a word close to the concept, e.g. --init-word dog")
-    ids = model.pipe.tokenizer(init_word, add_special_tokens=False).input_ids
-    if not ids:
-        raise UsageError(f"--init-word {init_word!r} gives no tokens")
-    table = model.pipe.text_encoder.get_input_embeddings().weight
-    return table[torch.tensor(ids, device=table.device)].detach().float().mean(0).cpu()
+    """The first tower's starting vector (d,)."""
+    return init_vectors(model, init_word)[0]
 
 
 class LearnedToken:
@@ -46,9 +63,8 @@ class LearnedToken:
     set `rows` to each caption's group before encoding a batch.
     """
 
-    def __init__(self, model, token: str, vector: torch.Tensor):
-        pipe = model.pipe
-        self.tokenizer, self.encoder = pipe.tokenizer, pipe.text_encoder
+    def __init__(self, model, token: str, vector: torch.Tensor, tower: int = 0):
+        self.tokenizer, self.encoder = towers(model)[tower]
         self.token = token
         self.tokenizer.add_tokens([token])
         self.id = self.tokenizer.convert_tokens_to_ids(token)

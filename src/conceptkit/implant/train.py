@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conceptkit import store
-from conceptkit.diffusion import frozen, timestep_groups, training_target
+from conceptkit.diffusion import frozen, sdxl_time_ids, timestep_groups, training_target
 from conceptkit.implant.token import LearnedToken
 
 CHECKPOINT_EVERY = 50  # optimiser steps between checkpoints
@@ -48,34 +48,52 @@ def draw(step: int, seed: int, n_images: int, batch_size: int, latent_shape, n_t
     return Batch(index, t, noise, [templates[int(i)].format(token) for i in which])
 
 
-def loss_at(model, learned: LearnedToken, latents: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The denoising loss of one batch, differentiable in the token's vector."""
+def _suffix(i: int) -> str:
+    return "" if i == 0 else f"_{i}"  # one tower keeps the plain names
+
+
+def loss_at(model, learned, latents: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The denoising loss of one batch, differentiable in the learned vectors (one per text tower)."""
+    words = _words(learned)
     pipe, device = model.pipe, model.device
-    if learned.vector.ndim == 2:  # one vector per timestep group: each caption takes its timestep's
-        groups = timestep_groups(batch.t, learned.vector.shape[0], int(pipe.scheduler.config.num_train_timesteps))
-        learned.rows = torch.from_numpy(groups)
-    ids = pipe.tokenizer(batch.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    states = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
+    if words[0].vector.ndim == 2:  # one vector per timestep group: each caption takes its timestep's
+        groups = timestep_groups(batch.t, words[0].vector.shape[0], int(pipe.scheduler.config.num_train_timesteps))
+        words[0].rows = torch.from_numpy(groups)
     x0 = latents[batch.index].to(device, pipe.unet.dtype)
     noise = batch.noise.to(device, pipe.unet.dtype)
     t = batch.t.to(device)
     xt = pipe.scheduler.add_noise(x0, noise, t)
-    out = pipe.unet(xt, t, encoder_hidden_states=states).sample
+    if model.arch == "sdxl":  # both towers, the pooled embedding and SDXL's size conditioning
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=batch.captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+        side = x0.shape[-1] * pipe.vae_scale_factor
+        added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(side, side, len(t), device, pe.dtype)}
+        out = pipe.unet(xt, t, encoder_hidden_states=pe.to(pipe.unet.dtype), added_cond_kwargs=added).sample
+    else:
+        ids = pipe.tokenizer(batch.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        states = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
+        out = pipe.unet(xt, t, encoder_hidden_states=states).sample
     return F.mse_loss(out.float(), training_target(pipe.scheduler, x0, noise, t).float())
 
 
-def save_checkpoint(path: Path, learned: LearnedToken, opt: torch.optim.Optimizer, step: int, key: str, losses: list[float]) -> None:
-    state = opt.state[learned.vector] if learned.vector in opt.state else {}
-    tensors = {"vector": learned.vector.detach().float().cpu().contiguous(), "losses": torch.tensor(losses, dtype=torch.float64)}
-    for name in ("exp_avg", "exp_avg_sq"):
-        if name in state:
-            tensors[name] = state[name].detach().float().cpu().contiguous()
+def _words(learned) -> list[LearnedToken]:
+    return list(learned) if isinstance(learned, (list, tuple)) else [learned]
+
+
+def save_checkpoint(path: Path, learned, opt: torch.optim.Optimizer, step: int, key: str, losses: list[float]) -> None:
+    tensors = {"losses": torch.tensor(losses, dtype=torch.float64)}
+    for i, word in enumerate(_words(learned)):
+        tensors["vector" + _suffix(i)] = word.vector.detach().float().cpu().contiguous()
+        state = opt.state[word.vector] if word.vector in opt.state else {}
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                tensors[name + _suffix(i)] = state[name].detach().float().cpu().contiguous()
     with store.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"key": key, "step": str(step)})
 
 
-def load_checkpoint(path: Path, learned: LearnedToken, opt: torch.optim.Optimizer, key: str) -> tuple[int, list[float]]:
+def load_checkpoint(path: Path, learned, opt: torch.optim.Optimizer, key: str) -> tuple[int, list[float]]:
     """(the step to go on from, the losses so far); (0, []) without a checkpoint of this key."""
     from safetensors import safe_open
 
@@ -86,27 +104,31 @@ def load_checkpoint(path: Path, learned: LearnedToken, opt: torch.optim.Optimize
     if meta.get("key") != key:
         return 0, []
     tensors = load_file(str(path))
-    with torch.no_grad():
-        learned.vector.copy_(tensors["vector"].to(learned.vector.device))
     step = int(meta["step"])
-    if "exp_avg" in tensors:
-        opt.state[learned.vector] = {"step": torch.tensor(float(step)), "exp_avg": tensors["exp_avg"].to(learned.vector.device),
-                                     "exp_avg_sq": tensors["exp_avg_sq"].to(learned.vector.device)}
+    for i, word in enumerate(_words(learned)):
+        with torch.no_grad():
+            word.vector.copy_(tensors["vector" + _suffix(i)].to(word.vector.device))
+        if "exp_avg" + _suffix(i) in tensors:
+            opt.state[word.vector] = {"step": torch.tensor(float(step)),
+                                      "exp_avg": tensors["exp_avg" + _suffix(i)].to(word.vector.device),
+                                      "exp_avg_sq": tensors["exp_avg_sq" + _suffix(i)].to(word.vector.device)}
     return step, [float(v) for v in tensors["losses"].tolist()]
 
 
-def train(model, learned: LearnedToken, latents: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
+def train(model, learned, latents: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
           templates, checkpoint: Path, key: str, progress: Progress | None = None) -> list[float]:
-    """Optimise the token's vector for `steps` steps (resuming from `checkpoint`); returns every step's loss."""
+    """Optimise the word's vectors (one per text tower) for `steps` steps, resuming from `checkpoint`;
+    returns every step's loss."""
     pipe = model.pipe
-    opt = torch.optim.AdamW([learned.vector], lr=lr, weight_decay=0.0)
-    start, losses = load_checkpoint(checkpoint, learned, opt, key)
+    words = _words(learned)
+    opt = torch.optim.AdamW([w.vector for w in words], lr=lr, weight_decay=0.0)
+    start, losses = load_checkpoint(checkpoint, words, opt, key)
     n_train = int(pipe.scheduler.config.num_train_timesteps)
     last_save = time.monotonic()
-    with frozen(pipe.unet, pipe.vae, pipe.text_encoder):
+    with frozen(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         for step in range(start, steps):
-            batch = draw(step, seed, len(latents), batch_size, latents.shape[1:], n_train, templates, learned.token)
-            loss = loss_at(model, learned, latents, batch)
+            batch = draw(step, seed, len(latents), batch_size, latents.shape[1:], n_train, templates, words[0].token)
+            loss = loss_at(model, words, latents, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,6 +137,6 @@ def train(model, learned: LearnedToken, latents: torch.Tensor, *, steps: int, lr
                 progress(step + 1, steps, loss=losses[-1])
             done = step + 1
             if done < steps and (done % CHECKPOINT_EVERY == 0 or time.monotonic() - last_save >= CHECKPOINT_EVERY_S):
-                save_checkpoint(checkpoint, learned, opt, done, key, losses)
+                save_checkpoint(checkpoint, words, opt, done, key, losses)
                 last_save = time.monotonic()
     return losses

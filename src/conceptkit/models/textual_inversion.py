@@ -62,6 +62,30 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
     return vec
 
 
+def read_sdxl_embedding(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SDXL embedding's two vectors, (CLIP-L, OpenCLIP-G): A1111's and ComfyUI's `clip_l`/`clip_g` layout."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise UsageError(f"--embedding {path}: no such .safetensors file (pickled .bin/.pt embeddings are refused)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"--embedding {path}: not a readable safetensors file ({exc})") from None
+    if "clip_l" not in tensors or "clip_g" not in tensors:
+        raise UsageError(f"--embedding {path}: an SDXL embedding holds clip_l and clip_g, this one {', '.join(sorted(tensors)[:5])}")
+    out = []
+    for name in ("clip_l", "clip_g"):
+        v = tensors[name]
+        v = v[0] if v.ndim == 2 and v.shape[0] == 1 else v
+        if v.ndim != 1 or not torch.isfinite(v.float()).all():
+            raise UsageError(f"--embedding {path}: {name} must be one finite vector, (d,) or (1, d); got {tuple(tensors[name].shape)}")
+        out.append(v)
+    return out[0], out[1]
+
+
 def check_token(token: str | None, embedding: str | Path | None) -> None:
     """--embedding and --token go together; a token is one word."""
     if embedding is None and token is None:
@@ -91,21 +115,26 @@ def add_embedding(model, path: str | Path, token: str):
     check_token(token, path)
     pipe = model.pipe
     if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UsageError("--embedding is supported for SD 1.x/2.x models only (SDXL embeddings have two vectors)")
-    vec = read_embedding(path, token)
-    table = pipe.text_encoder.get_input_embeddings()
-    width = table.weight.shape[1]
-    if vec.shape[-1] != width:
-        raise UsageError(f"--embedding {path}: a vector of width {vec.shape[-1]}, but {model.spec}'s text encoder takes {width}")
-    tok = pipe.tokenizer
-    if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
-        raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
-    tok.add_tokens([token])
-    token_id = tok.convert_tokens_to_ids(token)
-    pipe.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
-    with torch.no_grad():
-        pipe.text_encoder.get_input_embeddings().weight[token_id] = (vec if vec.ndim == 1 else vec.float().mean(0)).to(
-            table.weight.device, table.weight.dtype)
+        vecs = read_sdxl_embedding(path)
+        pairs = [(pipe.tokenizer, pipe.text_encoder, vecs[0]), (pipe.tokenizer_2, pipe.text_encoder_2, vecs[1])]
+        vec = torch.cat([v.float() for v in vecs])
+    else:
+        vec = read_embedding(path, token)
+        pairs = [(pipe.tokenizer, pipe.text_encoder, vec)]
+    for tok, encoder, v in pairs:
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if v.shape[-1] != width:
+            raise UsageError(f"--embedding {path}: a vector of width {v.shape[-1]}, but {model.spec}'s text encoder takes {width}")
+        if token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1:
+            raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
+    for tok, encoder, v in pairs:
+        tok.add_tokens([token])
+        token_id = tok.convert_tokens_to_ids(token)
+        encoder.resize_token_embeddings(len(tok), mean_resizing=False)
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[token_id] = (v if v.ndim == 1 else v.float().mean(0)).to(table.device, table.dtype)
+    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
     model = with_token(model, token, vec)
     if vec.ndim == 2:
         model = dataclasses.replace(model, tokens_in_time=(*model.tokens_in_time, (token_id, vec.float())))
