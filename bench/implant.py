@@ -1,6 +1,6 @@
 """`conceptkit implant` on the toy, against its two references in one run.
 
-Usage: python bench/implant.py [--steps 300] [--seeds 64] [--images 12] [--temporal 1,2,3,4] [--threads 1] [--out FILE.json] [--grid FILE.png]
+Usage: python bench/implant.py [--steps 300] [--seeds 64] [--images 12] [--temporal 1,2,3,4] [--xti] [--threads 1] [--out FILE.json] [--grid FILE.png]
 
 Two concepts, each learned from `--images` images drawn by the toy world's renderer:
 - composition: red diamonds (every size, position, background) under the new word "<thing>",
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--temporal", default="", help="also learn the composition with --method temporal at these D, e.g. 1,2,3,4")
+    p.add_argument("--xti", action="store_true", help="also learn the composition with --method xti")
     p.add_argument("--grid", default=None, help="write a PNG: per concept, references, learned word, init word (8 each)")
     a = p.parse_args(argv)
     os.environ.setdefault("CONCEPTKIT_HOME", tempfile.mkdtemp(prefix="ck-bench-"))
@@ -124,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         out.setdefault("temporal", {})[str(d)] = {
             "train_seconds": round(time.perf_counter() - t0, 1), "reconstruction": _share(_draw(m, "a <thing>", seeds), concept),
             "editability": {name: _share(_draw(m, p, seeds), {**want, **concept}) for name, (p, _, want) in edits.items()}}
+    if a.xti:
+        model = load_model("toy")
+        t0 = time.perf_counter()
+        m = run(model, ImplantConfig(images=_folder(refs), token="<thing>", init_word="shape", steps=a.steps, method="xti")).model
+        out["xti"] = {"train_seconds": round(time.perf_counter() - t0, 1), "reconstruction": _share(_draw(m, "a <thing>", seeds), concept),
+                      "editability": {name: _share(_draw(m, p, seeds), {**want, **concept}) for name, (p, _, want) in edits.items()}}
     # 2. a colour the toy never drew
     brown = (139, 69, 19)
     refs = render(scenes, foreground=brown)

@@ -37,6 +37,15 @@ def _diamonds(folder: Path, n: int = 6) -> Path:
     return folder
 
 
+def _noise(folder: Path, n: int, suffix: str) -> Path:
+    """Random images of another size than the model's (they are resized)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}{suffix}")
+    return folder
+
+
 def _implant(args, json_out=True):
     result = runner.invoke(app, ["implant", *args, *(["--json"] if json_out else [])])
     assert result.exit_code == 0, result.output
@@ -109,21 +118,13 @@ def test_an_interrupted_training_resumes_to_the_same_vector(tmp_path, monkeypatc
 
 
 def test_implant_runs_on_tiny_sd(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    folder = _noise(tmp_path / "imgs", 3, ".jpg")
     doc = _implant([str(folder), "--model", "tiny-sd", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3"])
     assert doc["model"] == "tiny-sd" and Path(doc["embedding"]).is_file()
 
 
 def test_implant_on_tiny_sdxl_learns_one_vector_per_text_tower(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = _noise(tmp_path / "imgs", 2, ".png")
     doc = _implant([str(folder), "--model", "tiny-sdxl", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3"])
     tensors = load_file(doc["embedding"])
     pipe = load_model("tiny-sdxl").pipe
@@ -152,7 +153,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([str(good), "--token", "shape", *base], "already a word"),
         ([str(good), "--token", "two words", *base], "one word"),
         ([str(good), "--token", "<t>", "--init-word", " ", "--train-steps", "2"], "--init-word"),
-        ([str(good), "--token", "<t>", *base, "--method", "xti"], "--method"),
+        ([str(good), "--token", "<t>", *base, "--method", "pplus"], "--method"),
         ([str(good), "--token", "<t>", *base, "--lr", "0"], "--lr"),
         ([str(good), "--token", "<t>", "--init-word", "shape", "--train-steps", "0"], "--train-steps"),
         ([str(good), "--token", "<t>", *base, "--model", "tiny-sdxl", "--method", "temporal"], "SD 1.x/2.x"),
@@ -225,3 +226,35 @@ def test_cluster_reads_a_temporal_word_in_its_own_groups(tmp_path):
     assert json.loads(out.stdout)["temporal_dim"] == 2
     bad = runner.invoke(app, ["implant", str(images), "--token", "<x>", "--init-word", "shape", "-D", "2"])
     assert "--temporal-dim" in one_line_error(bad)
+
+
+def test_xti_learns_one_vector_per_cross_attention_layer_and_each_layer_sees_its_own(tmp_path):
+    from conceptkit.diffusion import cross_attention_names, sample
+    from conceptkit.models.textual_inversion import add_embedding
+
+    images = str(_diamonds(tmp_path / "imgs", 4))
+    res = run(load_model("toy"), ImplantConfig(images=images, token="<x>", init_word="shape", steps=20, method="xti"))
+    path = res.path / res.manifest["layers_file"]
+    vectors = load_file(str(path))["vectors"]
+    layers = cross_attention_names(load_model("toy").pipe.unet)
+    assert vectors.shape[0] == len(layers) == len(res.manifest["layers"])
+    assert not torch.allclose(vectors[0], vectors[-1])  # the layers learned apart
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["layers"]) == layers and f.metadata()["method"] == "xti"
+    model = add_embedding(load_model("toy"), path, "<x>")
+    assert len(model.tokens_in_layers) == 1
+    mean_only = add_embedding(load_model("toy"), res.embedding, "<x>")  # the portable mean: one vector everywhere
+    a, b = sample(model, "a <x>", [0, 1], 6, 3.0), sample(mean_only, "a <x>", [0, 1], 6, 3.0)
+    assert (a - b).abs().max() > 1e-3
+    # the harvest behind `cluster` samples with each layer's vector too
+    from conceptkit import harvest
+
+    cfg = harvest.HarvestConfig(prompts=("a <x>",), samples=2, steps=4)
+    finals = [harvest.load_harvest(harvest.run(m, cfg).path).final for m in (model, mean_only)]
+    assert (finals[0].float() - finals[1].float()).abs().max() > 1e-3
+    out = runner.invoke(app, ["cluster", "a <x>", "--embedding", str(path), "--token", "<x>", "--samples", "2", "--steps", "4",
+                              "--k", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    # a file for another UNet's layers is refused in one line
+    other = runner.invoke(app, ["generate", "a <x>", "--model", "tiny-sd", "--embedding", str(path), "--token", "<x>", "--count", "1"])
+    assert "another UNet" in one_line_error(other) or "width" in one_line_error(other)

@@ -177,10 +177,11 @@ def token_rows(model, timestep: int | None) -> Iterator[None]:
 
 class _WordsInTime:
     """A UNet pre-hook for sampling with learned words in time: the prompt rows of the UNet's text
-    conditioning are re-encoded with each word's vector for the current timestep's group."""
+    conditioning (the last len(prompts) rows: the pipeline's batch is [uncond; cond] with guidance)
+    are re-encoded with each word's vector for the current timestep's group."""
 
-    def __init__(self, model, prompt: str, n: int):
-        self.model, self.prompt, self.n = model, prompt, n
+    def __init__(self, model, prompts: Sequence[str]):
+        self.model, self.prompts, self.n = model, list(prompts), len(prompts)
         self.cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.handle = model.pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
@@ -189,15 +190,77 @@ class _WordsInTime:
         t = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t)
         groups = token_groups(self.model, t)
         if groups not in self.cache:
-            self.cache[groups] = conditioning(self.model, [self.prompt], 0, 0, guidance=False, timestep=t).cond
+            self.cache[groups] = conditioning(self.model, self.prompts, 0, 0, guidance=False, timestep=t).cond
         states = kwargs["encoder_hidden_states"]
-        cond = self.cache[groups].to(states.dtype).expand(self.n, -1, -1)
-        rows = slice(states.shape[0] - self.n, None)  # the pipeline's batch is [uncond; cond] with guidance
-        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([states[:rows.start], cond])}
+        cond = self.cache[groups].to(states.dtype)
+        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([states[:states.shape[0] - self.n], cond])}
         return args, kwargs
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+@contextmanager
+def words_in_layers(model, prompts: Sequence[str]) -> Iterator[None]:
+    """Inside the block, every cross-attention layer sees a learned word in layers
+    (`model.tokens_in_layers`, `implant --method xti`) with that layer's vector.
+
+    The UNet's text conditioning is made with the word's mean vector (its table row); each layer's
+    pre-hook replaces the rows that are one of `prompts` encoded that way by the same prompt encoded
+    with the layer's vector. Rows of other text (the empty negative prompt) stay as they are.
+    """
+    if not model.tokens_in_layers:
+        yield
+        return
+    unet, table = model.pipe.unet, model.pipe.text_encoder.get_input_embeddings().weight
+    names = cross_attention_names(unet)
+    plain = conditioning(model, prompts, 0, 0, guidance=False).cond
+    per_layer = []
+    saved = [table[token_id].detach().clone() for token_id, _ in model.tokens_in_layers]
+    try:
+        for g in range(len(names)):
+            with torch.no_grad():
+                for token_id, vectors in model.tokens_in_layers:
+                    table[token_id] = vectors[g].to(table.device, table.dtype)
+            per_layer.append(conditioning(model, prompts, 0, 0, guidance=False).cond)
+    finally:
+        with torch.no_grad():
+            for (token_id, _), row in zip(model.tokens_in_layers, saved):
+                table[token_id] = row
+
+    def hook_for(g: int):
+        def hook(_module, args, kwargs):
+            states = kwargs.get("encoder_hidden_states")
+            if states is None:
+                return None
+            out = states.clone()
+            for r in range(states.shape[0]):
+                for p in range(len(prompts)):
+                    if torch.allclose(states[r], plain[p].to(states.dtype), rtol=0.0, atol=1e-4):
+                        out[r] = per_layer[g][p].to(states.dtype)
+                        break
+            return args, {**kwargs, "encoder_hidden_states": out}
+        return hook
+
+    handles = [unet.get_submodule(name).register_forward_pre_hook(hook_for(g), with_kwargs=True) for g, name in enumerate(names)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def learned_words(model, prompts: Sequence[str]) -> Iterator[None]:
+    """Around a pipeline call on `prompts` (one per image): learned words in time and in layers take
+    their step's and their layer's vectors (nothing to do for a model without them)."""
+    words = _WordsInTime(model, prompts) if model.tokens_in_time else None
+    try:
+        with words_in_layers(model, sorted(set(prompts))):
+            yield
+    finally:
+        if words is not None:
+            words.remove()
 
 
 # ---------------------------------------------------------------- the same weights
@@ -206,6 +269,14 @@ class _WordsInTime:
 def same_weights(identity: dict[str, Any] | None, model) -> bool:
     """Was an artifact (its manifest's `model` record) made with exactly these weights?"""
     return (identity or {}).get("fingerprint") == model.fingerprint
+
+
+# ---------------------------------------------------------------- the UNet's layers
+
+
+def cross_attention_names(unet) -> list[str]:
+    """Module names of the UNet's cross-attention layers (`...attn2`), in module order."""
+    return [name for name, _ in unet.named_modules() if name.endswith(".attn2")]
 
 
 # ---------------------------------------------------------------- the denoising steps
@@ -255,7 +326,6 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
     """Images (N, 3, H, W) in [0, 1] for `seeds`, with `mods` stepped along the denoising loop."""
     pipe = model.pipe
     gens = generators(model.device, seeds)
-    words = _WordsInTime(model, prompt, len(seeds)) if model.tokens_in_time else None
     for m in mods:
         m.set_step(0, steps)
 
@@ -264,10 +334,7 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
             m.set_step(i + 1, steps)
         return kwargs
 
-    try:
+    with learned_words(model, [prompt] * len(seeds)):
         out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                    output_type="pt", callback_on_step_end=on_step_end if mods else None).images
-    finally:
-        if words is not None:
-            words.remove()
     return out.float().clamp(0, 1).cpu()

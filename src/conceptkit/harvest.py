@@ -11,7 +11,6 @@ resumes with the missing trajectories only.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from conceptkit import __version__, capacity, store
-from conceptkit.diffusion import generators
+from conceptkit.diffusion import generators, learned_words
 from conceptkit.errors import StoreError, UsageError
 from conceptkit.harvest_shards import overlaps, problems, shard_name, shard_ranges
 from conceptkit.models.load import LoadedModel
@@ -129,7 +128,7 @@ def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]
     pipe = model.pipe
     gens = generators(model.device, (cfg.seed + i for i in indices))
     prompts = [cfg.prompts[i % len(cfg.prompts)] for i in indices]
-    with StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, torch.inference_mode():
+    with StepRecorder(pipe.scheduler, keep_xt="xt" in cfg.record) as rec, learned_words(model, prompts), torch.inference_mode():
         final = pipe(
             prompt=prompts,
             negative_prompt=[cfg.negative_prompt] * len(indices) if cfg.negative_prompt else None,

@@ -151,7 +151,7 @@ def _files_problems(art: Artifact, m: dict[str, Any]) -> list[str]:
     elif art.kind == "sliders":
         out += [f"{s['file']} is missing" for s in m["sliders"] if not (art.path / s["file"]).is_file()]
     elif art.kind == "implant":
-        out += [f"{f} is missing" for f in (m["file"], m.get("temporal_file")) if f and not (art.path / f).is_file()]
+        out += [f"{f} is missing" for f in (m["file"], m.get("temporal_file"), m.get("layers_file")) if f and not (art.path / f).is_file()]
     for name in (m.get("arrays") or {}) if art.kind in ("cluster", "evaluate") else ():
         if not check_name_ok(name) or not (art.path / f"{name}.npy").is_file():
             out.append(f"array {name!r} is missing")

@@ -187,6 +187,7 @@ SCHEMAS = {
         "height": (integer(1), False), "width": (integer(1), False), "settings": (mapping, False),
         "templates": (list_of(text), False), "loss": (map_of(optional_number), False),
         "temporal_dim": (integer(1), False), "temporal_file": (file_name(".safetensors"), False),
+        "layers_file": (file_name(".safetensors"), False), "layers": (list_of(text), False),
     }),
     "sliders": Schema("sliders", {
         "name": (name, True), "prompt": (text, True), "model": (MODEL, True), "encoder": (text, True),

@@ -99,8 +99,7 @@ def cluster(
     if embedding is not None and prompt is not None:
         textual_inversion.check_in_prompts(token, [prompt])
     if temporal_dim is None:  # a word learned in D timestep groups is clustered in its own groups
-        vectors = textual_inversion.read_embedding(embedding, token) if embedding is not None else None
-        temporal_dim = vectors.shape[0] if vectors is not None and vectors.ndim == 2 else 3
+        temporal_dim = (textual_inversion.temporal_dim_of(embedding, token) if embedding is not None else None) or 3
     ccfg = picasso.ClusterConfig(tau=tau, tau_mode=tau_mode, k=k, temporal_dim=temporal_dim, pca_dim=pca_dim,
                                  fuzziness=fuzziness, seed=seed, map_size=map_size)
     ncfg = concept_neurons.NeuronConfig(concept=concept, importance=importance, seed=seed, batch_size=batch_size, fs_size=fs_size,

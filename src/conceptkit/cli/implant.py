@@ -30,7 +30,7 @@ def implant(
     token: Annotated[str, typer.Option(help="The new word, e.g. '<my-dog>'; it must be new to the model's tokenizer.", show_default=False)],
     init_word: Annotated[str, typer.Option("--init-word", help="A word close to the concept, where the new word starts, e.g. dog.", show_default=False)],
     model: ModelOpt = None,
-    method: Annotated[str, typer.Option(help="ti: one learned input embedding (textual inversion, Gal et al. 2022); temporal: one per timestep group (--temporal-dim).")] = "ti",
+    method: Annotated[str, typer.Option(help="ti: one learned input embedding (textual inversion, Gal et al. 2022); temporal: one per timestep group (--temporal-dim); xti: one per cross-attention layer (P+, Voynov et al. 2023).")] = "ti",
     temporal_dim: Annotated[int, typer.Option("--temporal-dim", "-D", help="Timestep groups of --method temporal: a sample at timestep t trains the vector of group int(t*D/1000).")] = 1,
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps. Default: 300 on the toy and tiny-sd, 3000 on real models.", show_default=False)] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the vector.")] = 5e-3,
@@ -52,7 +52,7 @@ def implant(
     loaded = open_model(model, device, dtype, None)
     with ui.progress("implant", unit="steps", enabled=not json_out or sys.stderr.isatty()) as bar:
         result = run(loaded, cfg, progress=bar, on_wait=ui.info)
-    temporal = result.manifest.get("temporal_file")
+    temporal = result.manifest.get("temporal_file") or result.manifest.get("layers_file")
     doc = {"key": result.key, "path": str(result.path), "embedding": str(result.path / temporal if temporal else result.embedding),
            "portable_embedding": str(result.embedding), "token": token, "init_word": init_word, "method": method,
            "temporal_dim": temporal_dim, "model": loaded.spec, "cached": result.cached,
@@ -71,7 +71,7 @@ def implant(
             + (f" (loss {loss['first']:.4g} -> {loss['last']:.4g})" if loss.get("first") is not None else ""))
     ui.info(f"embedding: {doc['embedding']}")
     if temporal:
-        ui.info(f"for other tools (the mean over its {temporal_dim} groups): {result.embedding}")
+        ui.info(f"for other tools (the mean of its vectors): {result.embedding}")
     if out is not None:
         ui.info(f"copied to: {doc['copied_to']}")
     ui.info(f"use it: conceptkit generate 'a {token}' --model {loaded.spec} --embedding {doc['embedding']} --token '{token}'")

@@ -13,6 +13,7 @@ have taught it), and `run` returns the model whose fingerprint says so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from conceptkit import __version__, store
-from conceptkit.diffusion import encode
+from conceptkit.diffusion import cross_attention_names, encode
 from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
 from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vectors
@@ -36,8 +37,9 @@ from conceptkit.settings import NOT_RECORDED, key_settings, manifest_settings
 
 IMPLANT_FORMAT = 1
 EMBEDDING_FILE = "embedding.safetensors"
-METHODS = ("ti", "temporal")
+METHODS = ("ti", "temporal", "xti")
 TEMPORAL_FILE = "temporal.safetensors"
+LAYERS_FILE = "xti.safetensors"
 MAX_IMAGES = 256
 
 
@@ -48,7 +50,7 @@ class ImplantConfig:
     images: str = field(metadata=NOT_RECORDED)  # folder of the concept's images; enters the key by its bytes, not its path
     token: str  # the new word, e.g. "<my-thing>"
     init_word: str  # a word close to the concept: where the vector starts
-    method: str = "ti"  # ti: one learned input embedding (Gal et al. 2022); temporal: one per timestep group
+    method: str = "ti"  # ti: one learned input embedding (Gal et al. 2022); temporal: one per timestep group; xti: one per cross-attention layer
     temporal_dim: int = 1  # D timestep groups of `temporal` (1 for ti)
     steps: int = 500  # optimiser steps
     lr: float = 5e-3  # AdamW learning rate of the vector
@@ -61,8 +63,8 @@ class ImplantConfig:
             raise UsageError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.steps < 1:
             raise UsageError(f"--steps must be at least 1 (got {self.steps})")
-        if self.method == "ti" and self.temporal_dim != 1:
-            raise UsageError(f"--temporal-dim {self.temporal_dim} needs --method temporal (ti learns one vector)")
+        if self.method != "temporal" and self.temporal_dim != 1:
+            raise UsageError(f"--temporal-dim {self.temporal_dim} needs --method temporal ({self.method} has no timestep groups)")
         if not 1 <= self.temporal_dim <= MAX_TEMPORAL_DIM:
             raise UsageError(f"--temporal-dim must be between 1 and {MAX_TEMPORAL_DIM} (got {self.temporal_dim})")
         if not (np.isfinite(self.lr) and self.lr > 0):
@@ -101,6 +103,9 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
     art = store.artifact("implant", key)
     if cfg.method == "temporal":
         starts = [v.expand(cfg.temporal_dim, -1).clone() for v in starts]
+    layers = cross_attention_names(model.pipe.unet) if cfg.method == "xti" else []
+    if layers:
+        starts = [v.expand(len(layers), -1).clone() for v in starts]
     words = [LearnedToken(model, cfg.token, v, tower) for tower, v in enumerate(starts)]
     with art.lock(on_wait=on_wait):
         if art.exists():
@@ -109,7 +114,7 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
                 with torch.no_grad():
                     word.vector.copy_(vec.to(word.vector.device))
             vecs = [w.finish() for w in words]
-            return Implanted(key, art.path, manifest, _knowing(model, words, cfg.token, vecs), True, time.perf_counter() - started)
+            return Implanted(key, art.path, manifest, _knowing(model, words, cfg.token, vecs, bool(layers)), True, time.perf_counter() - started)
         # 2. the images as latents, once
         images = torch.from_numpy(arrays.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
         latents = encode(model, images)
@@ -118,7 +123,8 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
         work.mkdir(parents=True, exist_ok=True)
         templates = TOY_TEMPLATES if model.spec == "toy" else TEMPLATES
         losses = train(model, words, latents, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       templates=templates, checkpoint=work / "checkpoint.safetensors", key=key, progress=progress)
+                       templates=templates, checkpoint=work / "checkpoint.safetensors", key=key, progress=progress,
+                       layers=bool(layers))
         vecs = [w.finish() for w in words]
         if not all(torch.isfinite(v).all() for v in vecs):
             raise UsageError("the learned vector holds NaN or infinite values; lower --lr")
@@ -129,7 +135,8 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
             "model": model.identity(), "images": str(Path(cfg.images).resolve()), "image_files": names, "count": len(names),
             "height": height, "width": width, "settings": manifest_settings(cfg), "templates": list(templates),
             "temporal_dim": cfg.temporal_dim, "file": EMBEDDING_FILE,
-            **({"temporal_file": TEMPORAL_FILE} if cfg.method == "temporal" else {}), "loss": {"first": _mean(losses[:10]), "last": _mean(losses[-10:])},
+            **({"temporal_file": TEMPORAL_FILE} if cfg.method == "temporal" else {}),
+            **({"layers_file": LAYERS_FILE, "layers": layers} if layers else {}), "loss": {"first": _mean(losses[:10]), "last": _mean(losses[-10:])},
             "seconds": round(time.perf_counter() - started, 3),
         }
         tmp = art.path.parent / f".tmp-{key}-{os.getpid()}"
@@ -141,22 +148,24 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
                 portable = {"clip_l": vecs[0][None].contiguous(), "clip_g": vecs[1][None].contiguous()}
             else:  # one vector (a temporal word's mean over its groups, what other tools can use)
                 portable = {"emb_params": (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()}
-            save_file(portable, str(tmp / EMBEDDING_FILE), metadata={**meta, "method": "ti" if vec.ndim == 1 else "temporal-mean"})
-            if vec.ndim == 2:  # conceptkit's own layout: every group's vector (generate and cluster read it)
-                save_file({"vectors": vec.contiguous()}, str(tmp / TEMPORAL_FILE), metadata=meta)
+            save_file(portable, str(tmp / EMBEDDING_FILE), metadata={**meta, "method": "ti" if vec.ndim == 1 else f"{cfg.method}-mean"})
+            if vec.ndim == 2:  # conceptkit's own layout: every group's or layer's vector (generate and cluster read it)
+                save_file({"vectors": vec.contiguous()}, str(tmp / (LAYERS_FILE if layers else TEMPORAL_FILE)),
+                          metadata={**meta, **({"layers": json.dumps(layers)} if layers else {})})
             store.Artifact("implant", key, tmp).write_manifest(manifest)
             store.publish(tmp, art.path)
         finally:
             store.remove_tree(tmp)
         shutil.rmtree(work, ignore_errors=True)
-    return Implanted(key, art.path, art.manifest(), _knowing(model, words, cfg.token, vecs), False, time.perf_counter() - started)
+    return Implanted(key, art.path, art.manifest(), _knowing(model, words, cfg.token, vecs, bool(layers)), False, time.perf_counter() - started)
 
 
-def _knowing(model, words: list[LearnedToken], token: str, vecs: list[torch.Tensor]):
+def _knowing(model, words: list[LearnedToken], token: str, vecs: list[torch.Tensor], layers: bool = False):
     """The model that knows the word: its fingerprint extended, and a word in time recorded for sampling."""
     known = with_token(model, token, vecs[0] if len(vecs) == 1 else torch.cat(vecs))
     if vecs[0].ndim == 2:
-        known = dataclasses.replace(known, tokens_in_time=(*known.tokens_in_time, (words[0].id, vecs[0].float())))
+        field_name = "tokens_in_layers" if layers else "tokens_in_time"
+        known = dataclasses.replace(known, **{field_name: (*getattr(known, field_name), (words[0].id, vecs[0].float()))})
     return known
 
 
@@ -170,8 +179,8 @@ def _read_vectors(folder: Path, manifest: dict[str, Any]) -> list[torch.Tensor]:
     """Per text tower, the vectors a finished artifact holds."""
     from safetensors.torch import load_file
 
-    if manifest.get("temporal_file"):
-        return [load_file(str(folder / manifest["temporal_file"]))["vectors"].float()]
+    if manifest.get("temporal_file") or manifest.get("layers_file"):
+        return [load_file(str(folder / (manifest.get("temporal_file") or manifest["layers_file"])))["vectors"].float()]
     tensors = load_file(str(folder / manifest["file"]))
     if "clip_l" in tensors:
         return [tensors["clip_l"][0].float(), tensors["clip_g"][0].float()]

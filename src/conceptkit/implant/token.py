@@ -33,7 +33,7 @@ def check_new_token(model, token: str) -> None:
 
 
 def check_supported(model, method: str) -> None:
-    if method != "ti" and model.arch == "sdxl":
+    if method != "ti" and model.arch == "sdxl":  # temporal and xti sit on the first tower's table
         raise UsageError(f"--method {method} supports SD 1.x/2.x models (one text tower); {model.spec} is SDXL: use --method ti")
 
 

@@ -1,7 +1,9 @@
 """Textual inversion's optimisation: the denoising loss of the user's images, captioned with the new
 token, minimised over the token's input embedding alone (Gal et al. 2022, Eq. 2). With D vectors
 (the temporal extension of the prompt space, as Picasso and ProSpect use it), a sample at timestep t
-trains the vector of t's group, floor(t * D / num_train_timesteps).
+trains the vector of t's group, floor(t * D / num_train_timesteps). With one vector per
+cross-attention layer (P+'s extended prompt space, Voynov et al. 2023), layer g of the UNet sees the
+captions encoded with vector g.
 
 Each step draws `batch_size` images, a caption template each, a timestep uniform in
 [0, num_train_timesteps) and fresh noise, all from (seed, step), so a resumed run continues the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conceptkit import store
-from conceptkit.diffusion import frozen, sdxl_time_ids, timestep_groups, training_target
+from conceptkit.diffusion import cross_attention_names, frozen, sdxl_time_ids, timestep_groups, training_target
 from conceptkit.implant.token import LearnedToken
 
 CHECKPOINT_EVERY = 50  # optimiser steps between checkpoints
@@ -52,11 +55,12 @@ def _suffix(i: int) -> str:
     return "" if i == 0 else f"_{i}"  # one tower keeps the plain names
 
 
-def loss_at(model, learned, latents: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The denoising loss of one batch, differentiable in the learned vectors (one per text tower)."""
+def loss_at(model, learned, latents: torch.Tensor, batch: Batch, layers: bool = False) -> torch.Tensor:
+    """The denoising loss of one batch, differentiable in the learned vectors (one per text tower;
+    with `layers`, the (G, d) vectors are one per cross-attention layer, else one per timestep group)."""
     words = _words(learned)
     pipe, device = model.pipe, model.device
-    if words[0].vector.ndim == 2:  # one vector per timestep group: each caption takes its timestep's
+    if words[0].vector.ndim == 2 and not layers:  # one vector per timestep group: each caption takes its timestep's
         groups = timestep_groups(batch.t, words[0].vector.shape[0], int(pipe.scheduler.config.num_train_timesteps))
         words[0].rows = torch.from_numpy(groups)
     x0 = latents[batch.index].to(device, pipe.unet.dtype)
@@ -69,12 +73,37 @@ def loss_at(model, learned, latents: torch.Tensor, batch: Batch) -> torch.Tensor
         side = x0.shape[-1] * pipe.vae_scale_factor
         added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(side, side, len(t), device, pe.dtype)}
         out = pipe.unet(xt, t, encoder_hidden_states=pe.to(pipe.unet.dtype), added_cond_kwargs=added).sample
+    elif layers:  # one vector per cross-attention layer: the captions encoded once per layer, in one batch
+        n_layers, b = words[0].vector.shape[0], len(batch.captions)
+        words[0].rows = torch.arange(n_layers).repeat_interleave(b)
+        ids = pipe.tokenizer(batch.captions * n_layers, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        states = pipe.text_encoder(ids)[0].to(pipe.unet.dtype).view(n_layers, b, *ids.shape[1:], -1)
+        with _layer_states(pipe.unet, states):
+            out = pipe.unet(xt, t, encoder_hidden_states=states.mean(0)).sample
     else:
         ids = pipe.tokenizer(batch.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
         states = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
         out = pipe.unet(xt, t, encoder_hidden_states=states).sample
     return F.mse_loss(out.float(), training_target(pipe.scheduler, x0, noise, t).float())
+
+
+@contextmanager
+def _layer_states(unet, states: torch.Tensor):
+    """Cross-attention layer g sees text conditioning states[g] (every other input as it is)."""
+    def hook_for(g):
+        def hook(_module, args, kwargs):
+            return args, {**kwargs, "encoder_hidden_states": states[g]}
+        return hook
+
+    handles = [unet.get_submodule(name).register_forward_pre_hook(hook_for(g), with_kwargs=True)
+               for g, name in enumerate(cross_attention_names(unet))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _words(learned) -> list[LearnedToken]:
@@ -116,7 +145,7 @@ def load_checkpoint(path: Path, learned, opt: torch.optim.Optimizer, key: str) -
 
 
 def train(model, learned, latents: torch.Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
-          templates, checkpoint: Path, key: str, progress: Progress | None = None) -> list[float]:
+          templates, checkpoint: Path, key: str, progress: Progress | None = None, layers: bool = False) -> list[float]:
     """Optimise the word's vectors (one per text tower) for `steps` steps, resuming from `checkpoint`;
     returns every step's loss."""
     pipe = model.pipe
@@ -128,7 +157,7 @@ def train(model, learned, latents: torch.Tensor, *, steps: int, lr: float, batch
     with frozen(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         for step in range(start, steps):
             batch = draw(step, seed, len(latents), batch_size, latents.shape[1:], n_train, templates, words[0].token)
-            loss = loss_at(model, words, latents, batch)
+            loss = loss_at(model, words, latents, batch, layers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

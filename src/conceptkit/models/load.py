@@ -63,6 +63,8 @@ class LoadedModel:
     default_guidance: float  # classifier-free guidance scale that suits it (0.0 for Turbo)
     # learned words whose vector changes with the timestep (`implant --method temporal`): (token id, (D, d) vectors)
     tokens_in_time: tuple = ()
+    # learned words with one vector per cross-attention layer (`implant --method xti`): (token id, (G, d) vectors)
+    tokens_in_layers: tuple = ()
 
     def identity(self) -> dict:
         """What names this model in cache keys and manifests (JSON-able)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
         vec = tensors["vectors"]
         if vec.ndim != 2 or not 1 <= vec.shape[0] <= MAX_TEMPORAL_DIM or str(vec.shape[0]) != meta.get("temporal_dim"):
             raise UsageError(f"--embedding {path}: a temporal embedding must hold (D, d) vectors, D = its temporal_dim in 1..{MAX_TEMPORAL_DIM}")
+    elif meta.get("method") == "xti" and "vectors" in tensors:
+        vec = tensors["vectors"]
+        if vec.ndim != 2 or vec.shape[0] != len(layers_of(path, meta)):
+            raise UsageError(f"--embedding {path}: an xti embedding must hold one vector per layer its metadata names")
     elif token in tensors:
         vec = tensors[token]
     elif "emb_params" in tensors:
@@ -53,9 +58,10 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
         vec = next(iter(tensors.values()))
     else:
         raise UsageError(f"--embedding {path}: holds {', '.join(sorted(tensors)[:5])}, none of them {token!r}; pass the right --token")
-    if meta.get("method") != "temporal" and vec.ndim == 2 and vec.shape[0] == 1:
+    in_steps_or_layers = meta.get("method") in ("temporal", "xti")
+    if not in_steps_or_layers and vec.ndim == 2 and vec.shape[0] == 1:
         vec = vec[0]
-    if vec.ndim != 1 and meta.get("method") != "temporal":
+    if vec.ndim != 1 and not in_steps_or_layers:
         raise UsageError(f"--embedding {path}: a {tuple(vec.shape)} tensor; only single-vector embeddings (d,) or (1, d) are supported")
     if not torch.isfinite(vec.float()).all():
         raise UsageError(f"--embedding {path}: the vector holds NaN or infinite values")
@@ -118,9 +124,14 @@ def add_embedding(model, path: str | Path, token: str):
         vecs = read_sdxl_embedding(path)
         pairs = [(pipe.tokenizer, pipe.text_encoder, vecs[0]), (pipe.tokenizer_2, pipe.text_encoder_2, vecs[1])]
         vec = torch.cat([v.float() for v in vecs])
+        layers = None
     else:
         vec = read_embedding(path, token)
         pairs = [(pipe.tokenizer, pipe.text_encoder, vec)]
+        layers = _layers_in_file(path)
+        if layers is not None and layers != [n for n, _ in pipe.unet.named_modules() if n.endswith(".attn2")]:
+            raise UsageError(f"--embedding {path}: its vectors are for another UNet's cross-attention layers ({len(layers)} of them); "
+                             f"use it with the model it was learned on")
     for tok, encoder, v in pairs:
         width = encoder.get_input_embeddings().weight.shape[1]
         if v.shape[-1] != width:
@@ -136,9 +147,40 @@ def add_embedding(model, path: str | Path, token: str):
             table[token_id] = (v if v.ndim == 1 else v.float().mean(0)).to(table.device, table.dtype)
     token_id = pipe.tokenizer.convert_tokens_to_ids(token)
     model = with_token(model, token, vec)
-    if vec.ndim == 2:
+    if vec.ndim == 2 and layers is not None:
+        model = dataclasses.replace(model, tokens_in_layers=(*model.tokens_in_layers, (token_id, vec.float())))
+    elif vec.ndim == 2:
         model = dataclasses.replace(model, tokens_in_time=(*model.tokens_in_time, (token_id, vec.float())))
     return model
+
+
+def temporal_dim_of(path: str | Path, token: str) -> int | None:
+    """D of a temporal embedding (`implant --method temporal`); None for any other file."""
+    from safetensors import safe_open
+
+    vec = read_embedding(path, token)  # checks the file first
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return int(vec.shape[0]) if meta.get("method") == "temporal" else None
+
+
+def _layers_in_file(path: Path) -> list[str] | None:
+    """The cross-attention layers an xti file's vectors are for; None for any other file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return layers_of(path, meta) if meta.get("method") == "xti" else None
+
+
+def layers_of(path, meta: dict) -> list[str]:
+    try:
+        layers = json.loads(meta.get("layers", ""))
+    except ValueError:
+        layers = None
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise UsageError(f"--embedding {path}: an xti embedding names its layers in its metadata (`layers`, a JSON list)")
+    return layers
 
 
 def with_token(model, token: str, vec: torch.Tensor):

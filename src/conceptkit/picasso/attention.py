@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from conceptkit.diffusion import cross_attention_names  # noqa: F401  the layers, named once for every method
+
 # sink(name, attn, query, key, value, probs, (h, w) or None); query/key/value (B*heads, n, dh), probs (B*heads, HW, L)
 Sink = Callable[..., None]
-
-
-def cross_attention_names(unet) -> list[str]:
-    """Module names of the UNet's cross-attention layers (`...attn2`), in forward order."""
-    return [name for name, _ in unet.named_modules() if name.endswith(".attn2")]
 
 
 class RecordingProcessor(AttnProcessor):

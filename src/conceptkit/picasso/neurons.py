@@ -24,7 +24,15 @@ from safetensors import safe_open
 
 from conceptkit import harvest as harvest_stage
 from conceptkit import store
-from conceptkit.diffusion import conditioning, encode, restore_requires_grad, same_weights, save_requires_grad, training_target
+from conceptkit.diffusion import (
+    conditioning,
+    encode,
+    restore_requires_grad,
+    same_weights,
+    save_requires_grad,
+    training_target,
+    words_in_layers,
+)
 from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
 from conceptkit.models.load import LoadedModel
@@ -302,7 +310,8 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
         for n, s in enumerate(todo):
             if model.tokens_in_time:
                 embeds, added = text(timesteps[s])
-            out = step_statistics(model, refs, noise, timesteps[s], embeds, added, mask, cfg.importance, cfg.batch_size, cfg.fs_size)
+            with words_in_layers(model, prompts):  # a learned word in layers: each layer its vector
+                out = step_statistics(model, refs, noise, timesteps[s], embeds, added, mask, cfg.importance, cfg.batch_size, cfg.fs_size)
             store.write_tensors(art.path / _step_name(s), out, {"format": str(NEURONS_FORMAT), "timestep": str(timesteps[s])})
             blocks = blocks or _describe_blocks(model, out)
             computed += 1
