@@ -117,10 +117,14 @@ def test_an_interrupted_training_resumes_to_the_same_vector(tmp_path, monkeypatc
     assert torch.equal(resumed, straight)
 
 
-def test_implant_runs_on_tiny_sd(tmp_path):
+@pytest.mark.parametrize("method", [[], ["--method", "temporal", "-D", "3"], ["--method", "xti"]], ids=["ti", "temporal", "xti"])
+def test_every_method_runs_on_tiny_sd_and_its_word_draws(tmp_path, method):
     folder = _noise(tmp_path / "imgs", 3, ".jpg")
-    doc = _implant([str(folder), "--model", "tiny-sd", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3"])
-    assert doc["model"] == "tiny-sd" and Path(doc["embedding"]).is_file()
+    doc = _implant([str(folder), "--model", "tiny-sd", "--token", "<noise>", "--init-word", "dog", "--train-steps", "3", *method])
+    assert doc["model"] == "tiny-sd" and Path(doc["embedding"]).is_file() and Path(doc["portable_embedding"]).is_file()
+    out = runner.invoke(app, ["generate", "a <noise>", "--model", "tiny-sd", "--embedding", doc["embedding"], "--token", "<noise>",
+                              "--count", "1", "--steps", "2", "--out", str(tmp_path / "gen"), "--json"])
+    assert out.exit_code == 0, out.output
 
 
 def test_implant_on_tiny_sdxl_learns_one_vector_per_text_tower(tmp_path):
