@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-coupled", action="store_true",
                    help="couple the noise to the factors a caption leaves open (conceptkit.toy.coupling)")
     p.add_argument("--unet-init", default=None, help="warm-start from this checkpoint folder under WORKDIR when --unet-dir has none")
-    p.add_argument("--turbo-steps", type=int, default=20_000, help="turbo stage: critic steps (the student moves every 2nd)")
+    p.add_argument("--turbo-steps", type=int, default=20_000, help="turbo stage: critic steps (the student moves every 4th)")
     p.add_argument("--teacher", type=Path, default=weights_path(), help="turbo stage: the teacher pipeline folder")
     p.add_argument("--turbo-dir", default="turbo", help="turbo stage: the checkpoint folder under WORKDIR")
     p.add_argument("--turbo-output", type=Path, default=weights_path() / "turbo", help="turbo stage: where toy-turbo is exported")

@@ -47,7 +47,7 @@ def probe_pipeline(student, teacher_dir: Path):
     return pipe
 
 
-def make_probe(teacher_dir: Path, n: int = 64, steps: int = 1):
+def make_probe(teacher_dir: Path, n: int = 128, steps: int = 1):
     """A quick measurement for the training log: entropy of "a shape" and fidelity, n images each, at `steps` steps."""
     scenes = sample_scenes(n, seed=10_000)
     pipe_cache: dict = {}
