@@ -70,6 +70,12 @@ def test_turbo_training_resumes_bit_exactly(tmp_path):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)  # student, critic and both optimisers
     assert all(torch.equal(p, q) for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()))
     assert not torch.equal(a.tensors["student/conv_in.weight"], a.tensors["fake/conv_in.weight"])  # both trained, apart
+    # a warm start takes the other line's student and critic (fresh optimisers; a negligible rate here)
+    logs = []
+    warm = train_turbo(TurboTrainConfig(steps=1, **{**cfg, "lr_gen": 1e-12, "lr_fake": 1e-12}), teacher, tmp_path / "b", None,
+                       log=logs.append, stage_dir="warm", init_from="turbo")
+    assert any("warm start from turbo step 6" in m for m in logs)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(warm.state_dict().values(), resumed.state_dict().values()))
     # other settings on resume are refused rather than silently mixed
     with pytest.raises(ValueError, match="other settings"):
         train_turbo(TurboTrainConfig(steps=7, **{**cfg, "guidance": 5.0}), teacher, tmp_path / "b", None, log=quiet)
@@ -136,7 +142,8 @@ def test_train_refuses_bad_turbo_input_in_one_line(capsys, tmp_path):
     from conceptkit.toy.train import main
 
     for argv in (["--stages", "turbo", "--turbo-steps", "0"], ["--stages", "turbo", "--teacher", str(tmp_path)],
-                 ["--stages", "turbo", "--turbo-output", str(weights_path())], ["--stages", "nope"]):
+                 ["--stages", "turbo", "--turbo-output", str(weights_path())], ["--stages", "turbo", "--turbo-lr", "0"],
+                 ["--stages", "turbo", "--turbo-init", "nothing-here"], ["--stages", "nope"]):
         with pytest.raises(SystemExit) as err:
             main(["--workdir", str(tmp_path / "w"), *argv])
         assert err.value.code == 2

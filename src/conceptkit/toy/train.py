@@ -143,9 +143,10 @@ def run_turbo(args, arch: ToyArchitecture) -> None:
     from conceptkit.toy.train_turbo import TurboTrainConfig, train_turbo
     from conceptkit.toy.turbo_quality import make_probe
 
-    config = TurboTrainConfig(steps=args.turbo_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every)
+    lr = {} if args.turbo_lr is None else {"lr_gen": args.turbo_lr, "lr_fake": args.turbo_lr}
+    config = TurboTrainConfig(steps=args.turbo_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every, **lr)
     train_turbo(config, args.teacher, args.workdir, args.turbo_output, log=_log, stage_dir=args.turbo_dir,
-                probe=make_probe(args.teacher) if args.turbo_probe else None)
+                probe=make_probe(args.teacher) if args.turbo_probe else None, init_from=args.turbo_init)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", type=Path, default=weights_path(), help="turbo stage: the teacher pipeline folder")
     p.add_argument("--turbo-dir", default="turbo", help="turbo stage: the checkpoint folder under WORKDIR")
     p.add_argument("--turbo-output", type=Path, default=weights_path() / "turbo", help="turbo stage: where toy-turbo is exported")
+    p.add_argument("--turbo-init", default=None, help="turbo stage: warm-start from this checkpoint folder under WORKDIR when --turbo-dir has none")
+    p.add_argument("--turbo-lr", type=float, default=None, help="turbo stage: learning rate of student and critic (default 1e-4)")
     p.add_argument("--no-turbo-probe", dest="turbo_probe", action="store_false",
                    help="turbo stage: skip the quick entropy and fidelity probe after each checkpoint")
     p.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between UNet checkpoints")
@@ -188,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--turbo-steps must be positive, got {args.turbo_steps}")
         if not (args.teacher / "model_index.json").is_file():
             p.error(f"--teacher {args.teacher}: no pipeline folder there (model_index.json missing)")
+        if args.turbo_lr is not None and not args.turbo_lr > 0:
+            p.error(f"--turbo-lr must be positive, got {args.turbo_lr}")
+        if args.turbo_init is not None and not (args.workdir / args.turbo_init / "latest.json").is_file():
+            p.error(f"--turbo-init {args.turbo_init}: no checkpoint in {args.workdir / args.turbo_init}")
         if args.turbo_output.resolve() == args.teacher.resolve():
             p.error("--turbo-output must not be the teacher's own folder")
     arch = ToyArchitecture()

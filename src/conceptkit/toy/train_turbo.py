@@ -139,7 +139,8 @@ def _state_tensors(student, fake, opt_gen, opt_fake) -> tuple[dict, dict]:
 
 
 def train_turbo(config: TurboTrainConfig, teacher_dir: Path, workdir: Path, output: Path | None,
-                log: Callable[[str], None] = print, *, stage_dir: str = "turbo", probe: Callable | None = None):
+                log: Callable[[str], None] = print, *, stage_dir: str = "turbo", probe: Callable | None = None,
+                init_from: str | None = None):
     """Train (or resume) the student, checkpointing to `workdir/stage_dir` and exporting to `output`.
 
     Args:
@@ -148,6 +149,8 @@ def train_turbo(config: TurboTrainConfig, teacher_dir: Path, workdir: Path, outp
         workdir: the training folder (`toy-train`).
         output: the `toy-turbo` folder to export at each checkpoint (None: no export).
         probe: called with the student after each checkpoint; returns a line to log (a quick measurement).
+        init_from: a checkpoint folder under `workdir` whose newest student and critic start this run when
+            `stage_dir` has no checkpoint yet (a warm start, e.g. at a lower learning rate; fresh optimisers).
     Returns:
         The student UNet.
     """
@@ -164,7 +167,7 @@ def train_turbo(config: TurboTrainConfig, teacher_dir: Path, workdir: Path, outp
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     opt_gen = torch.optim.AdamW(student.parameters(), lr=config.lr_gen, weight_decay=config.weight_decay)
     opt_fake = torch.optim.AdamW(fake.parameters(), lr=config.lr_fake, weight_decay=config.weight_decay)
-    step, elapsed0 = 0, 0.0
+    step, elapsed0, warm_from = 0, 0.0, None
     ck = load_latest(ckdir)
     if ck is not None:
         saved = ck.state.get("config", {})
@@ -178,6 +181,15 @@ def train_turbo(config: TurboTrainConfig, teacher_dir: Path, workdir: Path, outp
         restore_optimizer(opt_fake, unprefixed("f", ck.tensors), ck.state["param_groups"]["fake"])
         step, elapsed0 = ck.state["step"], ck.state.get("elapsed_s", 0.0)
         log(f"turbo: resumed at step {step}")
+        warm_from = ck.state.get("warm_start")
+    elif init_from is not None:
+        warm = load_latest(Path(workdir) / init_from)
+        if warm is None:
+            raise FileNotFoundError(f"no checkpoint to warm-start from in {Path(workdir) / init_from}")
+        student.load_state_dict(unprefixed("student", warm.tensors))
+        fake.load_state_dict(unprefixed("fake", warm.tensors))
+        warm_from = {"from": init_from, "step": warm.state["step"], "elapsed_s": warm.state.get("elapsed_s", 0.0)}
+        log(f"turbo: warm start from {init_from} step {warm.state['step']} (fresh optimisers)")
     log(f"turbo: student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, batch {config.batch}")
     # 3. train
     last_save, t0, done0 = time.time(), time.time(), step
@@ -196,12 +208,12 @@ def train_turbo(config: TurboTrainConfig, teacher_dir: Path, workdir: Path, outp
             tensors, groups = _state_tensors(student, fake, opt_gen, opt_fake)
             elapsed = elapsed0 + time.time() - t0
             save_checkpoint(ckdir, step, tensors, {"param_groups": groups, "config": asdict(config), "elapsed_s": elapsed,
-                                                   "teacher": str(teacher_dir)}, keep=1)
+                                                   "teacher": str(teacher_dir), "warm_start": warm_from}, keep=1)
             if output is not None:
                 teacher_info = Path(teacher_dir) / "training.json"
                 turbo.export_turbo(student, teacher_dir, output, provenance={
                     "stage": stage_dir, "step": step, "method": "DMD2 (distribution matching, no regression loss)",
-                    "elapsed_s": round(elapsed, 1), "teacher": json.loads(teacher_info.read_text()) if teacher_info.exists() else None,
+                    "elapsed_s": round(elapsed, 1), "warm_start": warm_from, "teacher": json.loads(teacher_info.read_text()) if teacher_info.exists() else None,
                     "config": asdict(config)})
             log(f"turbo: checkpoint{' and export' if output is not None else ''} at step {step} ({elapsed / 60:.1f} min in all)")
             if probe is not None:

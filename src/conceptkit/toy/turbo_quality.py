@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    provenance = a.turbo / "training.json"  # read first: a training run may re-export the folder meanwhile
+    trained = json.loads(provenance.read_text()) if provenance.exists() else None
     rows = []
     if not a.no_teacher:
         cfg = QualityConfig(prompts=a.prompts, diversity_images=a.seeds, steps=d.get("steps", 20), guidance=d.get("guidance", 3.0),
@@ -116,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"`toy-turbo`, {s} step{'s' if s > 1 else ''}", asdict(measure(cfg, a.turbo, log=log))))
     out = [{"model": label, "bars": bars(r), **{k: r[k] for k in ("fidelity", "valid", "diversity", "diversity_valid", "config")}}
            for label, r in rows]
-    provenance = a.turbo / "training.json"
-    print(json.dumps({"rows": out, "turbo_training": json.loads(provenance.read_text()) if provenance.exists() else None}, indent=1))
+    if (json.loads(provenance.read_text()) if provenance.exists() else None) != trained:
+        print(f"error: {a.turbo} was re-exported during the measurement; measure a copy, or when training has stopped",
+              file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({"rows": out, "turbo_training": trained}, indent=1))
     log(table(rows))
 
 
