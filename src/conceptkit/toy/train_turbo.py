@@ -1,6 +1,6 @@
 """Stage turbo: distil the shipped toy (the teacher) into `toy-turbo`, a 1-4 step student, with DMD2.
 
-Recipe (Yin et al. (2024b), DMD2, Sec. 4): the student and the critic ("fake score") both start
+Recipe (Yin et al. (2024b), DMD2): the student and the critic ("fake score") both start
 from the teacher's UNet; each step trains the critic to denoise the student's current samples
 (v-prediction MSE), and every `gen_every`-th step also moves the student along the
 distribution-matching gradient between the teacher's guided x0 and the critic's

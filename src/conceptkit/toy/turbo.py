@@ -1,9 +1,9 @@
 """`toy-turbo`: the few-step student of the toy, distilled by distribution matching (DMD2).
 
 The maths of the distillation, model-free where it can be: the few-step schedule, sampling the
-student with backward simulation, the distribution-matching gradient (Yin et al. (2024), DMD,
-Sec. 3.2, Eq. 7; DMD2, Yin et al. (2024b), Sec. 4: no regression loss, a two-time-scale critic,
-multi-step generator trained on its own backward-simulated inputs), and the export as a diffusers
+student with backward simulation, the distribution-matching gradient (Yin et al. (2024), DMD, Sec. 3; DMD2, Yin et al. (2024b): no
+regression loss, a two-time-scale critic, a multi-step generator trained on its own
+backward-simulated inputs), and the export as a diffusers
 pipeline folder that shares the teacher's VAE, text tower and tokenizer through symlinks.
 """
 
@@ -71,7 +71,7 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> tor
 
 def student_input(student, context: torch.Tensor, noise: torch.Tensor, k: int, abar: torch.Tensor,
                   generator: torch.Generator, timesteps: tuple[int, ...] = TIMESTEPS) -> torch.Tensor:
-    """The student's input at its k-th step, by backward simulation without gradients (DMD2, Sec. 4.4).
+    """The student's input at its k-th step, by backward simulation without gradients (DMD2's multi-step generator).
 
     Runs the student's own few-step sampler from `noise` for k steps: x0 from the student, fresh
     noise to the next timestep (as `LCMScheduler` samples).
@@ -97,7 +97,7 @@ def student_input(student, context: torch.Tensor, noise: torch.Tensor, k: int, a
 def dmd_gradient(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     """The distribution-matching gradient of KL(p_student || p_teacher) w.r.t. the student's samples.
 
-    DMD (Yin et al. (2024), Eq. 7-8): s_fake - s_real, expressed through the two denoisers' x0
+    DMD (Yin et al. (2024), Sec. 3): s_fake - s_real, expressed through the two denoisers' x0
     estimates at the same noisy point, normalised per sample by the mean |x0 - real_x0|.
 
     Args:
