@@ -206,7 +206,7 @@ def resolve_spec(spec: str, model_spec: str | None) -> str:
     spec = (spec or "auto").strip()
     if spec != "auto":
         return spec
-    if model_spec == "toy":
+    if model_spec in ("toy", "toy-turbo"):
         return "toy"
     if model_spec in ("tiny-sd", "tiny-sdxl"):
         return "pixel"

@@ -98,7 +98,7 @@ def intervals(base: np.ndarray, slid: np.ndarray, text: np.ndarray | None, seed:
 def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str) -> dict[str, Any]:
     return {"set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
             "model": model.identity(), "settings": {**key_settings(cfg), "encoder": encoder_spec,
-                                                    "factor_seeds": cfg.factor_seeds if model.spec == "toy" else None}}
+                                                    "factor_seeds": cfg.factor_seeds if model.spec in ("toy", "toy-turbo") else None}}
 
 
 def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on_wait=None) -> dict[str, Any]:
@@ -122,7 +122,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     seeds = list(range(cfg.seed, cfg.seed + cfg.count))
     k = len(sset.sliders)
     indices = [s.index for s in sset.sliders]
-    toy = model.spec == "toy"
+    toy = model.spec in ("toy", "toy-turbo")
     # on the toy the per-slider images also feed the factor table, on factor_seeds seeds
     n_signed = max(cfg.effect_count, cfg.factor_seeds) if toy else cfg.effect_count
     signed_seeds = list(range(cfg.seed, cfg.seed + n_signed))

@@ -34,6 +34,7 @@ from conceptkit.models.full import FULL_NAMES, build_full
 from conceptkit.models.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.models.tiny import TINY_NAMES, build_tiny
 from conceptkit.toy.model import sampling_defaults as toy_defaults
+from conceptkit.toy.turbo import turbo_folder
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -85,6 +86,7 @@ class BuiltinModel:
 
 BUILTINS = (
     BuiltinModel("toy", "sd1", "the trained toy world model (32x32 shapes and colours): fast end-to-end runs with known answers"),
+    BuiltinModel("toy-turbo", "sd1", "the toy distilled to 1-4 steps (DMD2): mode-collapsed on what a prompt leaves open, like SDXL-DMD"),
     BuiltinModel("tiny-sd", "sd1", "tiny random SD 1.x-shaped pipeline built from config: tests and dry runs, draws noise"),
     BuiltinModel("tiny-sdxl", "sdxl", "tiny random SDXL-shaped pipeline (two text encoders): tests and dry runs, draws noise"),
     BuiltinModel("random-sd15", "sd1", "full-size SD 1.5 architecture with random weights (860M UNet): benchmarks, draws noise"),
@@ -254,6 +256,11 @@ def _locate(
         return (lambda: build_full(spec)), "builtin", spec, None
     if spec == "toy":
         folder = toy_folder()
+        check_folder(folder, spec)
+        return (lambda: load_folder(folder, spec)), "builtin", spec, None
+    if spec == "toy-turbo":  # its name makes `_sampling_defaults` pick Turbo's defaults: 1 step, no guidance
+
+        folder = turbo_folder()
         check_folder(folder, spec)
         return (lambda: load_folder(folder, spec)), "builtin", spec, None
     if looks_like_path(spec):

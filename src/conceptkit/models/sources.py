@@ -49,7 +49,7 @@ def hub_needs(spec: str, config: str | Path | None = None, *, prefer_fp16: bool 
         prefer_fp16: the run computes in half precision (fp16 weights are downloaded where a repository has them).
     """
     spec = str(spec)
-    if spec in TINY_NAMES or spec in FULL_NAMES or spec == "toy":  # built-ins need nothing from the hub
+    if spec in TINY_NAMES or spec in FULL_NAMES or spec in ("toy", "toy-turbo"):  # built-ins need nothing from the hub
         return []
     if looks_like_path(spec):
         path = Path(spec).expanduser()

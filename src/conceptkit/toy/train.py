@@ -1,6 +1,6 @@
 """Train the toy model from scratch, reproducibly: `python -m conceptkit.toy.train`.
 
-Stages run in order (clip, vae, vae-decoder, clip-vision, clip-contrast, unet); each checkpoints under `--workdir/<stage>/` and resumes
+Stages run in order (clip, vae, vae-decoder, clip-vision, clip-contrast, unet, turbo); each checkpoints under `--workdir/<stage>/` and resumes
 from there. A finished stage exports its model to `--workdir/export/<stage>/`, and is skipped on
 a rerun. The UNet stage exports the whole pipeline (EMA weights) to `--output` at every
 checkpoint, so that folder is always a loadable `StableDiffusionPipeline`.
@@ -20,11 +20,14 @@ import torch
 from conceptkit.toy.checkpoint import replace_folder
 from conceptkit.toy.data import make_pool
 from conceptkit.toy.model import ToyArchitecture, load_clip, weights_path
+from conceptkit.toy.parser import OneLineParser
 from conceptkit.toy.train_clip import ClipTrainConfig, train_clip, zero_shot_accuracy
+from conceptkit.toy.train_turbo import TurboTrainConfig, train_turbo
 from conceptkit.toy.train_unet import UnetTrainConfig, train_unet
 from conceptkit.toy.train_vae import VaeTrainConfig, reconstruction_report, train_vae
+from conceptkit.toy.turbo_quality import make_probe
 
-STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "clip-contrast", "unet")
+STAGES = ("clip", "vae", "vae-decoder", "clip-vision", "clip-contrast", "unet", "turbo")
 
 
 def _log(msg: str) -> None:
@@ -126,9 +129,18 @@ def run_unet(args, arch: ToyArchitecture) -> None:
                init_from=args.unet_init)
 
 
+def run_turbo(args, arch: ToyArchitecture) -> None:
+    """Stage turbo: distil the pipeline in `--teacher` into the few-step `toy-turbo` (DMD2), exporting to `--turbo-output`."""
+
+    lr = {} if args.turbo_lr is None else {"lr_gen": args.turbo_lr, "lr_fake": args.turbo_lr}
+    config = TurboTrainConfig(steps=args.turbo_steps, seed=args.seed, checkpoint_every_s=args.checkpoint_every, **lr)
+    train_turbo(config, args.teacher, args.workdir, args.turbo_output, log=_log, stage_dir=args.turbo_dir,
+                probe=make_probe(args.teacher) if args.turbo_probe else None, init_from=args.turbo_init)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the requested stages."""
-    p = argparse.ArgumentParser(prog="python -m conceptkit.toy.train", description=__doc__)
+    p = OneLineParser(prog="python -m conceptkit.toy.train", description=__doc__)
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     p.add_argument("--workdir", type=Path, default=Path("toy-train"), help="checkpoints and stage exports")
     p.add_argument("--output", type=Path, default=weights_path(), help="where the pipeline is exported")
@@ -143,6 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-coupled", action="store_true",
                    help="couple the noise to the factors a caption leaves open (conceptkit.toy.coupling)")
     p.add_argument("--unet-init", default=None, help="warm-start from this checkpoint folder under WORKDIR when --unet-dir has none")
+    p.add_argument("--turbo-steps", type=int, default=20_000, help="turbo stage: critic steps (the student moves every 4th)")
+    p.add_argument("--teacher", type=Path, default=weights_path(), help="turbo stage: the teacher pipeline folder")
+    p.add_argument("--turbo-dir", default="turbo", help="turbo stage: the checkpoint folder under WORKDIR")
+    p.add_argument("--turbo-output", type=Path, default=weights_path() / "turbo", help="turbo stage: where toy-turbo is exported")
+    p.add_argument("--turbo-init", default=None, help="turbo stage: warm-start from this checkpoint folder under WORKDIR when --turbo-dir has none")
+    p.add_argument("--turbo-lr", type=float, default=None, help="turbo stage: learning rate of student and critic (default 1e-4)")
+    p.add_argument("--no-turbo-probe", dest="turbo_probe", action="store_false",
+                   help="turbo stage: skip the quick entropy and fidelity probe after each checkpoint")
     p.add_argument("--checkpoint-every", type=float, default=240.0, help="seconds between UNet checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -155,17 +175,28 @@ def main(argv: list[str] | None = None) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         p.error(f"unknown stages {bad}; choose from {STAGES}")
+    if "turbo" in stages:
+        if args.turbo_steps <= 0:
+            p.error(f"--turbo-steps must be positive, got {args.turbo_steps}")
+        if not (args.teacher / "model_index.json").is_file():
+            p.error(f"--teacher {args.teacher}: no pipeline folder there (model_index.json missing)")
+        if args.turbo_lr is not None and not args.turbo_lr > 0:
+            p.error(f"--turbo-lr must be positive, got {args.turbo_lr}")
+        if args.turbo_init is not None and not (args.workdir / args.turbo_init / "latest.json").is_file():
+            p.error(f"--turbo-init {args.turbo_init}: no checkpoint in {args.workdir / args.turbo_init}")
+        if args.turbo_output.resolve() == args.teacher.resolve():
+            p.error("--turbo-output must not be the teacher's own folder")
     arch = ToyArchitecture()
     for stage in STAGES:
         if stage not in stages:
             continue
         marker = args.workdir / "export" / (f"{stage}.done" if stage in ("clip-vision", "clip-contrast", "vae-decoder") else stage)
-        if stage != "unet" and marker.exists() and not args.fresh:
+        if stage not in ("unet", "turbo") and marker.exists() and not args.fresh:
             _log(f"{stage}: export exists, skipping (use --fresh to retrain)")
             continue
         _log(f"{stage}: start")
         {"clip": run_clip, "vae": run_vae, "vae-decoder": run_vae_decoder, "clip-vision": run_clip_vision,
-         "clip-contrast": run_clip_contrast, "unet": run_unet}[stage](args, arch)
+         "clip-contrast": run_clip_contrast, "unet": run_unet, "turbo": run_turbo}[stage](args, arch)
         _log(f"{stage}: done")
 
 
