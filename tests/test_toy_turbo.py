@@ -149,3 +149,33 @@ def test_train_refuses_bad_turbo_input_in_one_line(capsys, tmp_path):
         assert err.value.code == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_evaluate_sliders_measures_the_distance_to_the_teacher(tmp_path):
+    """`evaluate sliders SET --teacher toy` on a toy-turbo set: both distances, the floor, recomputable."""
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from conceptkit.cli import app
+    from conceptkit.evaluate.common import load_arrays
+    from conceptkit.metrics import frechet_distance
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["sliders", "a shape", "--model", "toy-turbo", "--count", "2", "--samples", "4", "--train-steps", "2",
+                               "--name", "turbo-set", "--json"])
+    assert made.exit_code == 0, made.output
+    out = runner.invoke(app, ["evaluate", "sliders", "turbo-set", "--teacher", "toy", "--random-baseline", "--count", "8",
+                              "--effect-count", "2", "--factor-seeds", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    t = doc["teacher"]
+    assert t["model"]["spec"] == "toy" and set(t["frechet_distance"]) == {"base", "sliders", "floor", "random_baseline"}
+    arrays = load_arrays(doc)
+    again = frechet_distance(arrays["base_embeddings"], arrays["teacher_embeddings"])
+    assert np.isclose(again, t["frechet_distance"]["base"])
+    assert "teacher" in doc["factor_entropy"] and "random_baseline" in doc["factor_entropy"]
+    r = doc["random_baseline"]
+    assert np.isclose(r["vendi_ratio"] * doc["base"]["vendi"], r["set"]["vendi"]) and r["vendi_ratio_ci"] is not None
+    assert np.isclose(frechet_distance(arrays["random_embeddings"], arrays["teacher_embeddings"]), t["frechet_distance"]["random_baseline"])

@@ -7,7 +7,9 @@ A run's settings dataclass is its cache key's source: every field enters the key
   holds, a set's name: they do not change what is computed);
 - `NOT_RECORDED`: neither (a batch size, `--overwrite`: how the run goes, not what it makes);
 - `NULL_IN_KEY`: the key records the field as null (the evaluations' keys have always held
-  `"batch_size": null`; caches written before stay valid).
+  `"batch_size": null`; caches written before stay valid);
+- `IN_KEY_UNLESS_DEFAULT`: a setting added later enters the key only when it differs from its
+  default, so the keys of caches written before it existed stay what they were.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 IN_MANIFEST_ONLY = {"key": "omit"}
 NOT_RECORDED = {"key": "omit", "manifest": "omit"}
 NULL_IN_KEY = {"key": "null", "manifest": "omit"}
+IN_KEY_UNLESS_DEFAULT = {"key": "unless-default"}
 
 
 def _settings(cfg, where: str) -> dict[str, Any]:
@@ -25,6 +28,8 @@ def _settings(cfg, where: str) -> dict[str, Any]:
     out = {}
     for f in fields(cfg):
         how = f.metadata.get(where, "keep")
+        if how == "unless-default" and full[f.name] == f.default:
+            continue
         if how != "omit":
             out[f.name] = None if how == "null" else full[f.name]
     return out

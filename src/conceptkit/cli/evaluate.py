@@ -74,6 +74,8 @@ def sliders(
     factor_seeds: Annotated[int, typer.Option(help="Toy only: seeds of the factor table (sliders, random directions, prompt "
                                                    "edits at -/+ --effect-strength; twice as many base seeds for the noise floor).")] = 64,
     encoder: EncoderOpt = None,
+    random_baseline: Annotated[bool, typer.Option("--random-baseline", help="Also draw the same random combinations with random rank-1 directions of the sliders' norms (the baseline that should lose).")] = False,
+    teacher: Annotated[Optional[str], typer.Option(help="A reference model, e.g. the one a distilled --model was made from: the Fréchet distance of the base and the slider images to its images on the same seeds.", show_default=False)] = None,
     seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampling call.")] = 32,
     report: ReportOpt = None,
@@ -88,7 +90,7 @@ def sliders(
 
     cfg = SliderEvalConfig(count=count, per_image=per_image, scale=scale, effect_count=effect_count,
                            effect_strength=effect_strength, factor_seeds=factor_seeds, seed=seed, encoder=encoder,
-                           batch_size=batch_size)
+                           batch_size=batch_size, random_baseline=random_baseline)
     if is_lora_file(name):
         precheck(name, prompt, like, start)
         like_set = load_set(like) if like is not None else None
@@ -100,11 +102,12 @@ def sliders(
             raise UsageError("--prompt, --like, --steps, --guidance and --start apply to a LoRA file; a set has its own")
         sset = load_set(name)
         loaded = open_model(model or sset.manifest["model"]["spec"], device, "auto", None, encoders=[encoder or sset.manifest["encoder"]])
+    reference = open_model(teacher, device, "auto", None) if teacher is not None else None
     with ui.progress("evaluate sliders", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:
         def progress(stage, done, total):
             bar(done, total, stage=stage)
 
-        doc = run(loaded, sset, cfg, progress=progress, on_wait=ui.info)
+        doc = run(loaded, sset, cfg, progress=progress, on_wait=ui.info, teacher=reference)
     _finish(doc, report, json_out, _render_sliders)
 
 
@@ -122,6 +125,16 @@ def _render_sliders(doc: dict) -> None:
             f"clip score within 5% ({level} interval of the change inside +/-5%): {verdict[doc.get('clip_within_5pct')]}")
     if not doc["clip_available"]:
         ui.info(f"clip score unavailable: {doc['clip_note']}")
+    if doc.get("random_baseline"):
+        r = doc["random_baseline"]
+        ui.table("random rank-1 directions, same norms and strengths (the baseline)", ["diversity ratio", "vendi ratio"],
+                 [(_with_ci(r["diversity_ratio"], r.get("diversity_ratio_ci"), _ratio), _with_ci(r["vendi_ratio"], r.get("vendi_ratio_ci"), _ratio))])
+    if doc.get("teacher"):
+        t = doc["teacher"]
+        fd = t["frechet_distance"]
+        ui.table(f"against the teacher {t['model']['spec']} ({t['steps']} steps, guidance {t['guidance']:g}; same seeds)",
+                 ["frechet distance: base", "sliders", "random directions", "teacher's two halves (floor)"],
+                 [(_fmt(fd["base"]), _fmt(fd["sliders"]), _fmt(fd.get("random_baseline")), _fmt(fd["floor"]))])
     ui.table(f"per slider (effect at +/-{doc['effect_strength']:g} on {doc['effect_count']} seeds; mean |off-diagonal cosine| "
              f"{_fmt(doc['mean_abs_off_diagonal_cosine'])})", ["index", "label", "effect +", "effect -", "max |cos| with another"],
              [(r["index"], r["label"], _fmt(r["effect_size"]), _fmt(r["effect_size_minus"]),

@@ -37,6 +37,14 @@ def draw(model, mod, prompt: str, seeds: Sequence[int], weights: np.ndarray | No
     return torch.cat(out)
 
 
+def randomise(mod, set_name: str, seed: int = 1) -> None:
+    """Replace a set's slider factors, in place, by random rank-1 factors of the same norms (the control)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mod.banks[set_name].parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=tuple(range(1, p.ndim)), keepdim=True) / p[0].numel() ** 0.5)  # one norm per slider, conv factors too
+
+
 def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], strength: float, *, random_directions: bool = False,
                   batch_size: int = 32, progress: Callable[[int], None] | None = None, mod=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each listed slider alone at -strength and +strength on `seeds`: two (S, n, 3, H, W) tensors.
@@ -50,10 +58,7 @@ def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], str
         mod = SliderModification(model.pipe.unet, [(sset, sset.sliders[i]) for i in indices], cfg_batches=guidance > 1.0)
     try:
         if random_directions:
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for p in mod.banks[sset.name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=tuple(range(1, p.ndim)), keepdim=True) / p[0].numel() ** 0.5)  # one norm per slider, conv factors too
+            randomise(mod, sset.name)
         keys = list(mod.slots)
         slot_of = {idx: keys.index((sset.name, idx)) for idx in indices}
         k = len(keys)

@@ -24,9 +24,9 @@ from conceptkit import metrics
 from conceptkit.errors import UsageError
 from conceptkit.evaluate import common as evaluation
 from conceptkit.evaluate import toy_factors
-from conceptkit.evaluate.slider_draws import draw, signed_images
+from conceptkit.evaluate.slider_draws import draw, randomise, signed_images
 from conceptkit.features import check_spec, load_encoder, resolve_spec
-from conceptkit.settings import NULL_IN_KEY, key_settings
+from conceptkit.settings import IN_KEY_UNLESS_DEFAULT, NULL_IN_KEY, key_settings
 from conceptkit.sliders.apply import SliderModification, random_combinations
 from conceptkit.toy import factors
 from conceptkit.toy.edits import EDITS
@@ -47,6 +47,7 @@ class SliderEvalConfig:
     seed: int = 0  # first seed; also seeds the random combinations
     encoder: str | None = None  # None: the encoder the set was trained with
     batch_size: int = field(default=32, metadata=NULL_IN_KEY)  # images per sampling call
+    random_baseline: bool = field(default=False, metadata=IN_KEY_UNLESS_DEFAULT)  # also: the same combinations of random rank-1 directions
 
     def __post_init__(self) -> None:
         if not 2 <= self.count <= 4096:
@@ -95,21 +96,28 @@ def intervals(base: np.ndarray, slid: np.ndarray, text: np.ndarray | None, seed:
             "clip_within_5pct": None if clip is None else (-CLIP_TOLERANCE <= clip[0] and clip[1] <= CLIP_TOLERANCE)}
 
 
-def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str) -> dict[str, Any]:
-    return {"set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
+def determinants(sset, model, cfg: SliderEvalConfig, encoder_spec: str, teacher=None) -> dict[str, Any]:
+    return {**({"teacher": teacher.identity()} if teacher is not None else {}), "set": sset.name, "set_key": sset.manifest.get("settings_key"), "labels": [s.label for s in sset.sliders],
             "model": model.identity(), "settings": {**key_settings(cfg), "encoder": encoder_spec,
                                                     "factor_seeds": cfg.factor_seeds if model.spec in ("toy", "toy-turbo") else None}}
 
 
-def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on_wait=None) -> dict[str, Any]:
-    """The experiment (see the module doc); returns the JSON document, cached by key in the store."""
+def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on_wait=None, teacher=None) -> dict[str, Any]:
+    """The experiment (see the module doc); returns the JSON document, cached by key in the store.
+
+    With `teacher` (a loaded model, e.g. the one a distilled `model` was made from), the teacher's
+    images of the prompt on the same seeds are the reference: the Fréchet distance to them of the
+    base images and of the slider images (SliderSpace, Sec. 5.3: sliders on a distilled model bring
+    its images closer to what the teacher draws), with the distance between the two halves of the
+    teacher's own images as the floor.
+    """
 
     started = time.perf_counter()
     if sset.manifest["model"].get("fingerprint") != model.fingerprint:
         raise UsageError(f"slider set {sset.name!r} was trained for {sset.manifest['model'].get('spec')}, not these weights "
                          f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
     encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
-    key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec))
+    key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec, teacher))
     hit = evaluation.cached(key, on_wait)
     if hit is not None:
         if "diversity_ratio_ci" not in hit:  # cached before the intervals existed: they come from its saved arrays
@@ -126,7 +134,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     # on the toy the per-slider images also feed the factor table, on factor_seeds seeds
     n_signed = max(cfg.effect_count, cfg.factor_seeds) if toy else cfg.effect_count
     signed_seeds = list(range(cfg.seed, cfg.seed + n_signed))
-    total = 2 * cfg.count + 2 * k * n_signed
+    total = 2 * cfg.count + 2 * k * n_signed + (cfg.count if teacher is not None else 0) + (cfg.count if cfg.random_baseline else 0)
     if toy:
         total += 2 * k * cfg.factor_seeds + 2 * len(EDITS) * cfg.factor_seeds + 2 * cfg.factor_seeds
     done = [0]
@@ -147,6 +155,10 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
         # 2. each slider alone at -s and +s on the first effect_count seeds (on the toy: max(effect_count, factor_seeds))
         minus, plus = signed_images(model, sset, indices, signed_seeds, cfg.effect_strength,
                                     batch_size=cfg.batch_size, progress=tick, mod=mod)
+        rand = None
+        if cfg.random_baseline:  # the same strengths on random rank-1 directions with the sliders' norms
+            randomise(mod, sset.name)
+            rand = draw(model, mod, sset.prompt, seeds, weights, steps, guidance, cfg.batch_size, tick)
     finally:
         mod.remove()
     factor_images = None
@@ -157,6 +169,8 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
                                             list(range(cfg.seed, cfg.seed + 2 * f)), batch_size=cfg.batch_size,
                                             progress=tick, sliders=(minus[:, :f], plus[:, :f]))
     minus, plus = minus[:, :cfg.effect_count], plus[:, :cfg.effect_count]
+    taught = draw(teacher, None, sset.prompt, seeds, None, teacher.default_steps, teacher.default_guidance, cfg.batch_size, tick) \
+        if teacher is not None else None
     # 3. embed; Fréchet distance between the two sets
     emb = evaluation.embed(encoder, base, slid, progress=(lambda d, t: progress("embedding", d, t)) if progress else None)
     eff = evaluation.embed(encoder, torch.cat([minus.flatten(0, 1), plus.flatten(0, 1)]))
@@ -183,12 +197,30 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     doc["vendi_ratio"] = s["vendi"] / b["vendi"]
     doc["clip_score_change"] = (s["clip_score"] / b["clip_score"] - 1.0) if text is not None and b["clip_score"] else None
     doc.update(intervals(emb.a, emb.b, text, cfg.seed))
+    doc["random_baseline"] = None
+    if rand is not None:
+        remb = evaluation.embed(encoder, rand).a
+        r = evaluation.set_scores(remb, text)
+        doc["random_baseline"] = {"set": r, "diversity_ratio": r["diversity"] / b["diversity"] if b["diversity"] > 0 else None,
+                                  "vendi_ratio": r["vendi"] / b["vendi"],
+                                  **{n: v for n, v in intervals(emb.a, remb, text, cfg.seed).items() if n.endswith("_ci") or n == "diversity_higher"}}
+    doc["teacher"] = None
+    if taught is not None:
+        ref = evaluation.embed(encoder, taught).a
+        half = len(ref) // 2
+        doc["teacher"] = {"model": teacher.identity(), "steps": teacher.default_steps, "guidance": teacher.default_guidance,
+                          "frechet_distance": {"base": metrics.frechet_distance(emb.a, ref), "sliders": metrics.frechet_distance(emb.b, ref),
+                                               "floor": metrics.frechet_distance(ref[:half], ref[half:]),
+                                               **({"random_baseline": metrics.frechet_distance(remb, ref)} if rand is not None else {})},
+                          "set": evaluation.set_scores(ref, text)}
     arrays = {"base_embeddings": emb.a, "slider_embeddings": emb.b, "slider_weights": weights,
               "effect_minus_embeddings": eff_minus, "effect_plus_embeddings": eff_plus, "text_embedding": text,
               # images: all of them on the toy (32x32; the factor table is read from them), else previews for the report
               "base_images": _images(base, toy), "slider_images": _images(slid, toy),
               "effect_minus_images": np.stack([_images(m, toy, 3) for m in minus]),
-              "effect_plus_images": np.stack([_images(p, toy, 3) for p in plus])}
+              "effect_plus_images": np.stack([_images(p, toy, 3) for p in plus]),
+              **({"teacher_embeddings": ref, "teacher_images": _images(taught, toy)} if taught is not None else {}),
+              **({"random_embeddings": remb, "random_images": _images(rand, toy)} if rand is not None else {})}
     # 5. on the toy: which factor each slider moves
     doc["factors"] = doc["factor_entropy"] = doc["factor_table"] = None
     if toy:
@@ -196,7 +228,9 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
         arrays.update(factor_images.arrays())
         doc["factor_table"] = toy_factors.table(factor_images, indices, [s.label for s in sset.sliders], seed=cfg.seed)
         doc["factors"] = doc["factor_table"]["rows"]["sliders"]["per_seed"]  # the per-seed table, as before
-        doc["factor_entropy"] = {"base": factors.entropy(arrays["base_images"]), "sliders": factors.entropy(arrays["slider_images"])}
+        doc["factor_entropy"] = {"base": factors.entropy(arrays["base_images"]), "sliders": factors.entropy(arrays["slider_images"]),
+                                 **({"teacher": factors.entropy(arrays["teacher_images"])} if taught is not None else {}),
+                                 **({"random_baseline": factors.entropy(arrays["random_images"])} if rand is not None else {})}
     doc = evaluation.save_evaluation(key, doc, {n: a for n, a in arrays.items() if a is not None}, on_wait=on_wait)
     return evaluation.public(doc, False, time.perf_counter() - started)
 
