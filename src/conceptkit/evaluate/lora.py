@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conceptkit.diffusion import same_weights
 from conceptkit.errors import UsageError
 from conceptkit.sliders.lora_import import LoraFile, LoraModification, inspect_lora, parse_lora
 from conceptkit.sliders.pipeline import SliderInfo
@@ -78,7 +79,7 @@ def settings_for(model, like, prompt: str | None, steps: int | None, guidance: f
                  start: float | None) -> LoraEvalSettings:
     """The options given, else the `like` set's values, else the model's defaults (start 0, encoder auto)."""
     m = like.manifest if like is not None else {}
-    if like is not None and m["model"].get("fingerprint") != model.fingerprint:
+    if like is not None and not same_weights(m["model"], model):
         raise UsageError(f"--like {like.name!r} was trained for {m['model'].get('spec')}, not {model.spec}; "
                          f"drop --model or pass --model {m['model'].get('spec')}")
     return LoraEvalSettings(

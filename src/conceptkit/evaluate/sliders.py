@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from conceptkit import metrics
+from conceptkit.diffusion import same_weights
 from conceptkit.errors import UsageError
 from conceptkit.evaluate import common as evaluation
 from conceptkit.evaluate import toy_factors
@@ -113,7 +114,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     """
 
     started = time.perf_counter()
-    if sset.manifest["model"].get("fingerprint") != model.fingerprint:
+    if not same_weights(sset.manifest["model"], model):
         raise UsageError(f"slider set {sset.name!r} was trained for {sset.manifest['model'].get('spec')}, not these weights "
                          f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
     encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
