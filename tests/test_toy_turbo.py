@@ -167,7 +167,7 @@ def test_evaluate_sliders_measures_the_distance_to_the_teacher(tmp_path):
                                "--name", "turbo-set", "--json"])
     assert made.exit_code == 0, made.output
     out = runner.invoke(app, ["evaluate", "sliders", "turbo-set", "--teacher", "toy", "--random-baseline", "--count", "8",
-                              "--effect-count", "2", "--factor-seeds", "2", "--json"])
+                              "--effect-count", "2", "--factor-seeds", "2", "--report", str(tmp_path / "rep"), "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
     t = doc["teacher"]
@@ -179,3 +179,5 @@ def test_evaluate_sliders_measures_the_distance_to_the_teacher(tmp_path):
     r = doc["random_baseline"]
     assert np.isclose(r["vendi_ratio"] * doc["base"]["vendi"], r["set"]["vendi"]) and r["vendi_ratio_ci"] is not None
     assert np.isclose(frechet_distance(arrays["random_embeddings"], arrays["teacher_embeddings"]), t["frechet_distance"]["random_baseline"])
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "random rank-1 directions" in page and "to the teacher toy" in page

@@ -60,6 +60,18 @@ def sliders_section(doc: dict[str, Any], arrays: dict[str, np.ndarray], folder: 
     ]
     if not doc["clip_available"]:
         sections.append(f"<p class=\"note\">CLIP score unavailable: {html.escape(str(doc['clip_note']))}</p>")
+    r, t = doc.get("random_baseline"), doc.get("teacher")
+    if r:
+        sections.append(html_table(f"baseline: the same combinations on random rank-1 directions of the sliders' norms ([{level} interval])",
+                                   ["diversity ratio", "Vendi ratio", "CLIP score change"],
+                                   [[_with_ci(r["diversity_ratio"], r.get("diversity_ratio_ci"), fmt),
+                                     _with_ci(r["vendi_ratio"], r.get("vendi_ratio_ci"), fmt),
+                                     _with_ci(r.get("clip_score_change"), r.get("clip_score_change_ci"), lambda v: f"{100 * v:+.2f}%")]]))
+    if t:
+        fd = t["frechet_distance"]
+        sections.append(html_table(f"Fréchet distance to the teacher {t['model']['spec']} ({t['steps']} steps, guidance {t['guidance']:g}, same seeds)",
+                                   ["base", "sliders", "random directions", "the teacher's two halves (floor)"],
+                                   [[fd["base"], fd["sliders"], fd.get("random_baseline"), fd["floor"]]]))
     sections += [img(files["base_grid"], "base model"), img(files["slider_grid"], "random sparse sliders")]
     if k:
         sections.append(html_table("per slider", ["index", "label", f"effect size (+{doc['effect_strength']:g})",

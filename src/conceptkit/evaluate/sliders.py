@@ -204,6 +204,7 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
         r = evaluation.set_scores(remb, text)
         doc["random_baseline"] = {"set": r, "diversity_ratio": r["diversity"] / b["diversity"] if b["diversity"] > 0 else None,
                                   "vendi_ratio": r["vendi"] / b["vendi"],
+                                  "clip_score_change": (r["clip_score"] / b["clip_score"] - 1.0) if text is not None and b["clip_score"] else None,
                                   **{n: v for n, v in intervals(emb.a, remb, text, cfg.seed).items() if n.endswith("_ci") or n == "diversity_higher"}}
     doc["teacher"] = None
     if taught is not None:
