@@ -157,22 +157,30 @@ def token_groups(model, timestep: int) -> tuple[int, ...]:
 
 
 @contextmanager
+def _table_rows(model, rows: Sequence[tuple[int, torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, each (token id, vector) of `rows` is that token's embedding row; the rows come back after."""
+    table = model.pipe.text_encoder.get_input_embeddings().weight
+    saved = [(token_id, table[token_id].detach().clone()) for token_id, _ in rows]
+    try:
+        with torch.no_grad():
+            for token_id, vector in rows:
+                table[token_id] = vector.to(table.device, table.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for token_id, row in saved:
+                table[token_id] = row
+
+
+@contextmanager
 def token_rows(model, timestep: int | None) -> Iterator[None]:
     """Inside the block, each learned word in time has its vector for `timestep` in the embedding table."""
     if timestep is None or not model.tokens_in_time:
         yield
         return
-    table = model.pipe.text_encoder.get_input_embeddings().weight
-    saved = [table[token_id].detach().clone() for token_id, _ in model.tokens_in_time]
-    try:
-        with torch.no_grad():
-            for (token_id, vectors), g in zip(model.tokens_in_time, token_groups(model, timestep)):
-                table[token_id] = vectors[g].to(table.device, table.dtype)
+    groups = token_groups(model, timestep)
+    with _table_rows(model, [(token_id, vectors[g]) for (token_id, vectors), g in zip(model.tokens_in_time, groups)]):
         yield
-    finally:
-        with torch.no_grad():
-            for (token_id, _), row in zip(model.tokens_in_time, saved):
-                table[token_id] = row
 
 
 class _WordsInTime:
@@ -212,34 +220,24 @@ def words_in_layers(model, prompts: Sequence[str]) -> Iterator[None]:
     if not model.tokens_in_layers:
         yield
         return
-    unet, table = model.pipe.unet, model.pipe.text_encoder.get_input_embeddings().weight
+    unet = model.pipe.unet
     names = cross_attention_names(unet)
-    plain = conditioning(model, prompts, 0, 0, guidance=False).cond
-    per_layer = []
-    saved = [table[token_id].detach().clone() for token_id, _ in model.tokens_in_layers]
-    try:
-        for g in range(len(names)):
-            with torch.no_grad():
-                for token_id, vectors in model.tokens_in_layers:
-                    table[token_id] = vectors[g].to(table.device, table.dtype)
+    plain = conditioning(model, prompts, 0, 0, guidance=False).cond  # (P, L, d)
+    per_layer = []  # per layer: the prompts encoded with its vector, (P, L, d)
+    for g in range(len(names)):
+        with _table_rows(model, [(token_id, vectors[g]) for token_id, vectors in model.tokens_in_layers]):
             per_layer.append(conditioning(model, prompts, 0, 0, guidance=False).cond)
-    finally:
-        with torch.no_grad():
-            for (token_id, _), row in zip(model.tokens_in_layers, saved):
-                table[token_id] = row
 
     def hook_for(g: int):
         def hook(_module, args, kwargs):
             states = kwargs.get("encoder_hidden_states")
             if states is None:
                 return None
-            out = states.clone()
-            for r in range(states.shape[0]):
-                for p in range(len(prompts)):
-                    if torch.allclose(states[r], plain[p].to(states.dtype), rtol=0.0, atol=1e-4):
-                        out[r] = per_layer[g][p].to(states.dtype)
-                        break
-            return args, {**kwargs, "encoder_hidden_states": out}
+            # which prompt each row is (one comparison of every row with every prompt), then that prompt's row for layer g
+            close = ((states[:, None] - plain[None].to(states.dtype)).abs().flatten(2).amax(-1) <= 1e-4)  # (B, P)
+            which = close.float().argmax(1)
+            swapped = per_layer[g].to(states.dtype)[which]
+            return args, {**kwargs, "encoder_hidden_states": torch.where(close.any(1)[:, None, None], swapped, states)}
         return hook
 
     handles = [unet.get_submodule(name).register_forward_pre_hook(hook_for(g), with_kwargs=True) for g, name in enumerate(names)]

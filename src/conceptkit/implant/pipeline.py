@@ -12,7 +12,6 @@ have taught it), and `run` returns the model whose fingerprint says so.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
 from conceptkit.implant.token import LearnedToken, check_new_token, check_supported, init_vectors
 from conceptkit.implant.train import TEMPLATES, TOY_TEMPLATES, train
-from conceptkit.models.textual_inversion import MAX_TEMPORAL_DIM, with_token
+from conceptkit.models.textual_inversion import MAX_TEMPORAL_DIM, knowing
 from conceptkit.settings import NOT_RECORDED, key_settings, manifest_settings
 
 IMPLANT_FORMAT = 1
@@ -161,12 +160,8 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
 
 
 def _knowing(model, words: list[LearnedToken], token: str, vecs: list[torch.Tensor], layers: bool = False):
-    """The model that knows the word: its fingerprint extended, and a word in time recorded for sampling."""
-    known = with_token(model, token, vecs[0] if len(vecs) == 1 else torch.cat(vecs))
-    if vecs[0].ndim == 2:
-        field_name = "tokens_in_layers" if layers else "tokens_in_time"
-        known = dataclasses.replace(known, **{field_name: (*getattr(known, field_name), (words[0].id, vecs[0].float()))})
-    return known
+    """The model that knows the word, as `--embedding` with the file would give it."""
+    return knowing(model, token, words[0].id, vecs[0] if len(vecs) == 1 else torch.cat(vecs), in_layers=layers)
 
 
 def _size(model) -> tuple[int, int]:

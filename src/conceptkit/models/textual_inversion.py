@@ -26,10 +26,9 @@ from conceptkit.errors import UsageError
 MAX_TEMPORAL_DIM = 16
 
 
-def read_embedding(path: str | Path, token: str) -> torch.Tensor:
-    """The token's vectors in a safetensors file: (d,) for one vector, (D, d) for a temporal one."""
+def _open(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An embedding file's tensors and metadata, read once; a file that is not readable safetensors is refused."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -37,11 +36,14 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
     if not path.is_file():
         raise UsageError(f"--embedding {path}: no such file")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"--embedding {path}: not a readable safetensors file ({exc})") from None
+
+
+def _vector(path, token: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> torch.Tensor:
+    """The token's vectors: (d,) for one vector, (D, d) for a temporal one, (G, d) for an xti one."""
     if meta.get("method") == "temporal" and "vectors" in tensors:
         vec = tensors["vectors"]
         if vec.ndim != 2 or not 1 <= vec.shape[0] <= MAX_TEMPORAL_DIM or str(vec.shape[0]) != meta.get("temporal_dim"):
@@ -68,18 +70,13 @@ def read_embedding(path: str | Path, token: str) -> torch.Tensor:
     return vec
 
 
-def read_sdxl_embedding(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """An SDXL embedding's two vectors, (CLIP-L, OpenCLIP-G): A1111's and ComfyUI's `clip_l`/`clip_g` layout."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_embedding(path: str | Path, token: str) -> torch.Tensor:
+    """The token's vectors in a safetensors file: (d,) for one vector, (D, d) or (G, d) for one in time or in layers."""
+    return _vector(path, token, *_open(path))
 
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        raise UsageError(f"--embedding {path}: no such .safetensors file (pickled .bin/.pt embeddings are refused)")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UsageError(f"--embedding {path}: not a readable safetensors file ({exc})") from None
+
+def _sdxl_vectors(path, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SDXL embedding's two vectors, (CLIP-L, OpenCLIP-G): A1111's and ComfyUI's `clip_l`/`clip_g` layout."""
     if "clip_l" not in tensors or "clip_g" not in tensors:
         raise UsageError(f"--embedding {path}: an SDXL embedding holds clip_l and clip_g, this one {', '.join(sorted(tensors)[:5])}")
     out = []
@@ -120,15 +117,16 @@ def add_embedding(model, path: str | Path, token: str):
     """
     check_token(token, path)
     pipe = model.pipe
+    tensors, meta = _open(path)
     if getattr(pipe, "text_encoder_2", None) is not None:
-        vecs = read_sdxl_embedding(path)
+        vecs = _sdxl_vectors(path, tensors)
         pairs = [(pipe.tokenizer, pipe.text_encoder, vecs[0]), (pipe.tokenizer_2, pipe.text_encoder_2, vecs[1])]
         vec = torch.cat([v.float() for v in vecs])
         layers = None
     else:
-        vec = read_embedding(path, token)
+        vec = _vector(path, token, tensors, meta)
         pairs = [(pipe.tokenizer, pipe.text_encoder, vec)]
-        layers = _layers_in_file(path)
+        layers = layers_of(path, meta) if meta.get("method") == "xti" else None
         if layers is not None and layers != [n for n, _ in pipe.unet.named_modules() if n.endswith(".attn2")]:
             raise UsageError(f"--embedding {path}: its vectors are for another UNet's cross-attention layers ({len(layers)} of them); "
                              f"use it with the model it was learned on")
@@ -145,32 +143,24 @@ def add_embedding(model, path: str | Path, token: str):
         table = encoder.get_input_embeddings().weight
         with torch.no_grad():
             table[token_id] = (v if v.ndim == 1 else v.float().mean(0)).to(table.device, table.dtype)
-    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+    return knowing(model, token, pipe.tokenizer.convert_tokens_to_ids(token), vec, in_layers=layers is not None)
+
+
+def knowing(model, token: str, token_id: int, vec: torch.Tensor, in_layers: bool = False):
+    """`model` once its pipeline knows `token`: the fingerprint extended by the vectors, and a word with
+    one vector per timestep group or per layer ((D or G, d) `vec`) recorded for conditioning and sampling."""
     model = with_token(model, token, vec)
-    if vec.ndim == 2 and layers is not None:
-        model = dataclasses.replace(model, tokens_in_layers=(*model.tokens_in_layers, (token_id, vec.float())))
-    elif vec.ndim == 2:
-        model = dataclasses.replace(model, tokens_in_time=(*model.tokens_in_time, (token_id, vec.float())))
+    if vec.ndim == 2:
+        name = "tokens_in_layers" if in_layers else "tokens_in_time"
+        model = dataclasses.replace(model, **{name: (*getattr(model, name), (token_id, vec.float()))})
     return model
 
 
 def temporal_dim_of(path: str | Path, token: str) -> int | None:
     """D of a temporal embedding (`implant --method temporal`); None for any other file."""
-    from safetensors import safe_open
-
-    vec = read_embedding(path, token)  # checks the file first
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = _open(path)
+    vec = _vector(path, token, tensors, meta)
     return int(vec.shape[0]) if meta.get("method") == "temporal" else None
-
-
-def _layers_in_file(path: Path) -> list[str] | None:
-    """The cross-attention layers an xti file's vectors are for; None for any other file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return layers_of(path, meta) if meta.get("method") == "xti" else None
 
 
 def layers_of(path, meta: dict) -> list[str]:

@@ -307,16 +307,16 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
         blocks = art.manifest().get("blocks") if art.exists() else None
         if progress:
             progress(len(timesteps) - len(todo), len(timesteps))
-        for n, s in enumerate(todo):
-            if model.tokens_in_time:
-                embeds, added = text(timesteps[s])
-            with words_in_layers(model, prompts):  # a learned word in layers: each layer its vector
+        with words_in_layers(model, prompts):  # a learned word in layers: each layer sees its vector
+            for n, s in enumerate(todo):
+                if model.tokens_in_time:
+                    embeds, added = text(timesteps[s])
                 out = step_statistics(model, refs, noise, timesteps[s], embeds, added, mask, cfg.importance, cfg.batch_size, cfg.fs_size)
-            store.write_tensors(art.path / _step_name(s), out, {"format": str(NEURONS_FORMAT), "timestep": str(timesteps[s])})
-            blocks = blocks or _describe_blocks(model, out)
-            computed += 1
-            if progress:
-                progress(len(timesteps) - len(todo) + n + 1, len(timesteps))
+                store.write_tensors(art.path / _step_name(s), out, {"format": str(NEURONS_FORMAT), "timestep": str(timesteps[s])})
+                blocks = blocks or _describe_blocks(model, out)
+                computed += 1
+                if progress:
+                    progress(len(timesteps) - len(todo) + n + 1, len(timesteps))
         if computed or not art.exists():
             if blocks is None:  # every step is on disk but the manifest is not (an interruption in between)
                 with safe_open(str(art.path / _step_name(0)), framework="pt") as f:
