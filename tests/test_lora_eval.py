@@ -88,6 +88,7 @@ def test_bad_evaluate_input_is_one_line_exit_2(installed, tmp_path):
         ([str(lora), "--like", "a-shape", "--start", "1.5"], "--start"),
         ([str(tmp_path / "gone.safetensors"), "--like", "a-shape"], "no such file"),
         ([str(lora) + ":2", "--like", "a-shape"], "without :SCALE"),
+        ([str(lora), "--like", "a-shape", "--random-baseline"], "--random-baseline"),
     ]
     for args, fragment in cases:
         r = runner.invoke(app, ["evaluate", "sliders", *args, "--count", "4", "--effect-count", "2"])

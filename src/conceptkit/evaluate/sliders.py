@@ -117,6 +117,8 @@ def run(model, sset, cfg: SliderEvalConfig, progress: Progress | None = None, on
     if not same_weights(sset.manifest["model"], model):
         raise UsageError(f"slider set {sset.name!r} was trained for {sset.manifest['model'].get('spec')}, not these weights "
                          f"({model.spec}); evaluate it with --model {sset.manifest['model'].get('spec')}")
+    if cfg.random_baseline and getattr(sset, "modification", None) is not None:
+        raise UsageError("--random-baseline draws random directions of a slider set's own factors; a LoRA file has none to draw from")
     encoder_spec = resolve_spec(cfg.encoder or sset.manifest["encoder"], model.spec)
     key = evaluation.key_for("sliders", determinants(sset, model, cfg, encoder_spec, teacher))
     hit = evaluation.cached(key, on_wait)
