@@ -115,6 +115,45 @@ def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, 
     return out
 
 
+def edit_steps(model, sset, encoder, bases: dict[str, np.ndarray], every: int = 2) -> dict[str, list[dict]]:
+    """The model's ceiling step by step: the one-step x0 shift each prompt edit makes at (x_t, t) of the set's harvest.
+
+    For every `every`-th denoising step, the x0 predicted from the harvested x_t with the +s prompt minus
+    the one with the -s prompt, embedded, averaged over the trajectories and split into factor parts. A
+    factor whose part falls to zero after some step can no longer be moved there by anything that acts on
+    the conditioning, a slider included: training pairs from those steps teach it nothing about that factor.
+    """
+    from conceptkit import harvest
+    from conceptkit.diffusion import decode
+    from conceptkit.sliders.train import encode_conditioning, predict_x0
+    from conceptkit.toy.edits import EDITS
+    from conceptkit.toy.subspaces import decomposition
+    from conceptkit.toy.world import prompt as toy_prompt
+
+    st = sset.manifest["settings"]
+    guidance, size = float(sset.manifest["guidance"]), (int(sset.manifest["height"]), int(sset.manifest["width"]))
+    hcfg = harvest.HarvestConfig(prompts=(sset.prompt,), samples=st["samples"], steps=st["steps"], guidance=st["guidance"],
+                                 seed=st["seed"], record=("x0", "xt"))
+    h = harvest.load_harvest(harvest.run(model, hcfg).path, samples=st["samples"])
+    names = list(bases)
+    out = {}
+    for factor, lo, hi in EDITS:
+        conds = [encode_conditioning(model, [toy_prompt(**{factor: v})], guidance, size) for v in (lo, hi)]
+        rows = []
+        for j in range(0, h.xt.shape[1], every):
+            xt = h.xt[:, j].float()
+            t = h.timesteps[j].repeat(len(xt))
+            idx = torch.zeros(len(xt), dtype=torch.long)
+            with torch.no_grad():
+                e = [encoder.embed(decode(model, predict_x0(model, xt, t, c, idx, guidance))).numpy() for c in conds]
+            d = (e[1] - e[0]).mean(0).astype(np.float64)
+            parts = decomposition(d[None], list(bases.values()))[0]
+            rows.append({"step": j, "norm": round(float(np.linalg.norm(d)), 3),
+                         "parts": {g: round(float(v), 3) for g, v in zip(names, parts)}})
+        out[f"{lo}/{hi}"] = rows
+    return out
+
+
 def image_shifts(npz: Path, encoder) -> dict[str, np.ndarray]:
     """(S, d) mean embedding shift phi(+s) - phi(-s) of each row of a `factors --out` file."""
     arr = np.load(npz)
@@ -204,6 +243,10 @@ def run(a) -> dict:
            "training": {"alignment": [round(s.alignment, 3) for s in sset.sliders], "labels": [s.label for s in sset.sliders],
                         "mean_alignment": float(np.mean([s.alignment for s in sset.sliders]))}}
     log(f"  training: alignment {doc['training']['alignment']} (mean {doc['training']['mean_alignment']:.3f}, ceiling 1)")
+    doc["edit_steps"] = edit_steps(model, sset, encoder, bases)
+    for edit, rows in doc["edit_steps"].items():
+        log(f"  one-step edit shift {edit:<12} " + "  ".join(
+            f"s{r['step']} {r['norm']:.2f} ({max(r['parts'], key=r['parts'].get)[:3]} {max(r['parts'].values()):.2f})" for r in rows))
     if a.sweep:
         doc["training"]["sweep"] = sweep(model, sset)
     # 3. the images: the embedding shift the sliders make, and the prompt edits' (the model's ceiling)

@@ -196,7 +196,7 @@ SCHEMAS = {
         "guidance": (number, False), "steps": (integer(1), False), "height": (integer(1), False),
         "width": (integer(1), False), "start": (number, False), "label_method": (text, False),
         "loss": (map_of(optional_number), False), "directions": (list_of(list_of(number)), False),
-        "versions": (mapping, False),
+        "versions": (mapping, False), "calibration": (record({"scale": (number, True)}), False),
         "sliders": (list_of(record({
             "index": (integer(0), True), "label": (name, True), "file": (file_name(".safetensors"), True),
             "explained_variance": (number, True), "effect_size": (number, False), "alignment": (number, False),

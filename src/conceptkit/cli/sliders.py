@@ -58,6 +58,7 @@ def train(
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
     samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Harvested trajectories. Default by model: 16 on the toy and test models, 1000 on SD 1.x/2.x, SDXL and few-step models (the reference's).", show_default=False)] = None,
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
+    directions: Annotated[str, typer.Option("--directions", help="pca: the principal components (the paper); ica: the same principal subspace rotated to independent directions (purer when a concept's factors vary about equally; docs/sliders.md).")] = "pca",
     encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
     targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
@@ -65,6 +66,7 @@ def train(
     pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
     start: Annotated[float, typer.Option(help="Sliders act from this fraction of the denoising steps on.")] = 0.1,
+    calibration_seeds: Annotated[Optional[int], typer.Option("--calibration-seeds", help="Seeds on which the set's strength is calibrated after training, so that strength 1 moves images along each slider's direction by 0.2 standard deviations of the harvested images, on average; 0: the sliders as trained. Default by model: 8 on the toy, 2 on test models, 4 otherwise.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the harvest. Default: the model's.", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
@@ -84,12 +86,12 @@ def train(
     from conceptkit.sliders.pipeline import SlidersConfig, run  # deferred: --help loads no torch
 
     def settings(d: dict) -> SlidersConfig:
-        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, encoder=encoder, rank=rank, targets=targets,
+        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, directions=directions, encoder=encoder, rank=rank, targets=targets,
                              steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
-                             gradient_checkpointing=gradient_checkpointing,
+                             gradient_checkpointing=gradient_checkpointing, calibration_seeds=d["calibration_seeds"],
                              train=TrainSettings(steps=d["train_steps"], pairs=d["pairs"], lr=d["lr"], start=start, seed=seed))
 
-    given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr)
+    given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr, calibration_seeds=calibration_seeds)
     settings(slider_defaults.resolve(slider_defaults.QUICK, **given)[0])  # bad input fails before the model loads
     from conceptkit.parallel import processes  # deferred: --help loads no torch
 
@@ -136,21 +138,22 @@ def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) 
 
     with ui.err.status("timing one UNet call"):
         plan = make_plan(loaded, cfg.prompt, cfg.samples, cfg.steps, cfg.guidance, cfg.count, cfg.train.steps,
-                         cfg.train.pairs, cfg.train.symmetric)
+                         cfg.train.pairs, cfg.train.symmetric, calibration_seeds=cfg.calibration_seeds)
     doc = {"dry_run": True, "model": loaded.spec, "arch": loaded.arch, "defaults": defaults_doc, "plan": plan.as_dict()}
     if json_out:
         ui.print_json(doc)
         return
     ui.table(f"plan: {cfg.count} sliders for {cfg.prompt!r} on {loaded.spec} ({loaded.arch}, {defaults_doc['profile']} defaults)",
              ["trajectories", "steps", "guidance", "train steps", "pairs", "harvest on disk", "in memory", "one UNet call",
-              "harvest (est.)", "training (est.)"],
+              "harvest (est.)", "training (est.)", "calibration (est.)"],
              [(plan.trajectories, plan.steps, f"{plan.guidance:g}", plan.train_steps, plan.pairs,
                ui.human_size(plan.harvest_bytes), ui.human_size(plan.pca_memory_bytes), f"{plan.unet_call_s:.3f} s (batch {plan.batch})", ui.human_age(plan.harvest_s),
-               ui.human_age(plan.train_s))])
+               ui.human_age(plan.train_s), ui.human_age(plan.calibration_s) if cfg.calibration_seeds else "off")])
     if used:
         ui.info(used)
     ui.info("estimates from the measured call: one per harvest batch and step; per training step one batched pass "
-            "with backward (decoding and embedding left out); nothing was written")
+            "with backward (decoding and embedding left out); calibration samples every slider at -s and +s three times; "
+            "nothing was written")
 
 
 @sliders_app.command("list")

@@ -22,20 +22,21 @@ class SliderDefaults:
     train_steps: int  # optimiser steps
     pairs: int  # harvested (trajectory, step) pairs per optimiser step
     lr: float
+    calibration_seeds: int  # seeds of the strength calibration (`sliders.calibrate`); 0: none
     why: str
 
     def as_dict(self) -> dict:
         return {"profile": self.profile, "samples": self.samples, "train_steps": self.train_steps,
-                "pairs": self.pairs, "lr": self.lr, "why": self.why}
+                "pairs": self.pairs, "lr": self.lr, "calibration_seeds": self.calibration_seeds, "why": self.why}
 
 
-QUICK = SliderDefaults("toy", samples=16, train_steps=100, pairs=2, lr=5e-3,
+QUICK = SliderDefaults("toy", samples=16, train_steps=100, pairs=2, lr=5e-3, calibration_seeds=8,
                        why="the toy: measured on it, 400 training steps are no purer than 100 (docs/sliders.md)")
-REFERENCE = SliderDefaults("sd", samples=1000, train_steps=3000, pairs=1, lr=2e-3,
+REFERENCE = SliderDefaults("sd", samples=1000, train_steps=3000, pairs=1, lr=2e-3, calibration_seeds=4,
                            why="the SliderSpace reference settings: 1,000 images, 3,000 iterations, lr 2e-3")
 PROFILES = {
     "toy": QUICK,
-    "test-model": replace(QUICK, profile="test-model", why="a built-in test model: quick settings, as for the toy"),
+    "test-model": replace(QUICK, profile="test-model", calibration_seeds=2, why="a built-in test model: quick settings, as for the toy"),
     "sd": REFERENCE,
     "sdxl": replace(REFERENCE, profile="sdxl"),
     "few-step": replace(REFERENCE, profile="few-step",

@@ -31,9 +31,10 @@ from conceptkit import capacity, harvest, store
 from conceptkit.diffusion import decode_batched, restore_requires_grad, save_requires_grad
 from conceptkit.errors import DamagedArtifactError, UsageError
 from conceptkit.parallel import barrier, processes, share_rows, sum_across
-from conceptkit.settings import IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
+from conceptkit.settings import IN_KEY_UNLESS_DEFAULT, IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
 from conceptkit.sliders.bank import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
 from conceptkit.sliders.train import (
+    DIRECTION_METHODS,
     PairSource,
     TrainSettings,
     encode_conditioning,
@@ -42,10 +43,11 @@ from conceptkit.sliders.train import (
 )
 from conceptkit.features import check_spec, load_encoder, resolve_spec
 from conceptkit.harvest import _versions
-from conceptkit.sliders import labels as slider_labels
+from conceptkit.sliders import calibrate as slider_calibrate, labels as slider_labels
 
 SET_FORMAT = 1
 MAX_COUNT = 64
+MAX_CALIBRATION_SEEDS = 256
 Progress = Callable[..., None]
 Stage = Callable[[str], None]
 
@@ -58,6 +60,7 @@ class SlidersConfig:
     count: int = 16  # K sliders = principal directions
     samples: int = 16  # harvested trajectories
     x0: str = "all"  # "all": x0 of every step enters PCA (the paper); "final": only the last step (ablation)
+    directions: str = field(default="pca", metadata=IN_KEY_UNLESS_DEFAULT)  # pca (the paper) | ica (`train.principal_directions`)
     encoder: str = "auto"  # auto | pixel[:side] | toy | clip:<id|folder> | dinov2:<id|folder>
     rank: int = 1  # LoRA rank of each slider
     alpha: float = 1.0  # LoRA alpha
@@ -66,6 +69,8 @@ class SlidersConfig:
     guidance: float | None = None  # guidance scale of harvest and training; None: the model's default
     seed: int = 0  # harvest seed, PCA and init seed
     train: TrainSettings = field(default_factory=TrainSettings)
+    # seeds of the strength calibration (`sliders.calibrate`); 0: the sliders as trained (the paper's)
+    calibration_seeds: int = field(default=0, metadata=IN_KEY_UNLESS_DEFAULT)
     name: str | None = field(default=None, metadata=IN_MANIFEST_ONLY)  # set name; default: slug of the prompt
     overwrite: bool = field(default=False, metadata=NOT_RECORDED)  # replace an existing set trained with other settings
     gradient_checkpointing: bool = field(default=False, metadata=NOT_RECORDED)  # recompute UNet and VAE-decoder activations in backward: less memory, same result
@@ -79,10 +84,14 @@ class SlidersConfig:
             raise UsageError(f"--samples must be at least 2 (got {self.samples})")
         if self.x0 not in ("all", "final"):
             raise UsageError(f"--x0 must be all or final (got {self.x0})")
+        if self.directions not in DIRECTION_METHODS:
+            raise UsageError(f"--directions must be one of {', '.join(DIRECTION_METHODS)} (got {self.directions!r})")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1 (got {self.rank})")
         if not self.alpha > 0:
             raise UsageError(f"--alpha must be positive (got {self.alpha})")
+        if not 0 <= self.calibration_seeds <= MAX_CALIBRATION_SEEDS:
+            raise UsageError(f"--calibration-seeds must be between 0 and {MAX_CALIBRATION_SEEDS} (got {self.calibration_seeds})")
         if self.name is not None:
             store.check_name(self.name, "slider set name")
 
@@ -134,6 +143,8 @@ class SliderSet:
 def set_key(model, cfg: SlidersConfig, encoder_spec: str) -> str:
     settings = key_settings(cfg)
     settings["encoder"] = encoder_spec
+    if cfg.calibration_seeds:
+        settings["calibration_target"] = slider_calibrate.TARGET
     return store.make_key({"format": SET_FORMAT, "model": model.identity(), "settings": settings})
 
 
@@ -195,7 +206,7 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         x0 = h.x0 if cfg.x0 == "all" else h.x0[:, -1:]
         emb = encoder.embed(decode_batched(model, x0.flatten(0, 1).float())).numpy()
         # 3. principal directions
-        dirs = principal_directions(emb, cfg.count, seed=cfg.seed)
+        dirs = principal_directions(emb, cfg.count, seed=cfg.seed, method=cfg.directions)
         # 4. all K sliders in one batched pass
         unet = model.pipe.unet
         bank = install_sliders(unet, SliderLoraConfig(cfg.count, rank=cfg.rank, alpha=cfg.alpha,
@@ -223,7 +234,14 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             loss = _loss_summary(losses)
             if world > 1:
                 loss = _share_trained(bank, mine, loss)
-            # 5. measure and label
+            # 5. one strength factor for the set, then measure and label
+            calibration = None
+            if cfg.calibration_seeds:
+                say(f"calibrating the strength on {cfg.calibration_seeds} seeds")
+                final = emb.reshape(len(x0), -1, emb.shape[-1])[:, -1]  # the harvest's last-step (final image) embeddings
+                calibration = slider_calibrate.calibrate(model, bank, encoder, cfg.prompt, dirs.components, final,
+                                                         seeds=cfg.calibration_seeds, steps=len(h.timesteps),
+                                                         guidance=guidance, start=cfg.train.start)
             say("measuring and labelling")
 
             effects = slider_labels.measure_effects(model, bank, encoder, pairs, cond, guidance, dirs.components,
@@ -232,6 +250,8 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
             # 6. write the set into a temporary folder, then rename it into place (the main process)
             manifest = _manifest(model, cfg, name, key, encoder_spec, hres, dirs, effects, labels, scores, how,
                                  loss, size, guidance, len(h.timesteps), time.perf_counter() - started)
+            if calibration is not None:
+                manifest["calibration"] = calibration.to_json()
             if proc == 0:
                 tmp = art.path.parent / f".tmp-{name}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -330,4 +350,5 @@ def _file_metadata(manifest: dict[str, Any], slider: dict[str, Any]) -> dict[str
         "prompt": manifest["prompt"], "component_index": str(slider["index"]), "label": slider["label"],
         "explained_variance": repr(slider["explained_variance"]), "encoder": manifest["encoder"],
         "settings": json.dumps(manifest["settings"], sort_keys=True), "start": repr(manifest["start"]),
+        "strength_scale": repr(float((manifest.get("calibration") or {}).get("scale", 1.0))),
     }

@@ -9,6 +9,7 @@ import torch
 
 from conceptkit import capacity
 from conceptkit.harvest import HarvestConfig
+from conceptkit.sliders.calibrate import images_to_measure
 from conceptkit.sliders.train import encode_conditioning, predict_x0
 
 
@@ -29,6 +30,7 @@ class Plan:
     unet_call_s: float  # one measured guided UNet call on `batch` latents
     harvest_s: float  # estimate: one call per batch and step
     train_s: float  # estimate: per training step one batched pass (slider-free + every slider and sign), backward included
+    calibration_s: float  # estimate: the calibration's sampling (`sliders.calibrate`), one call per batch and step
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -63,7 +65,7 @@ def measure_unet_call(model, prompt: str, guidance: float, shape: tuple[int, int
 
 
 def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: float | None, count: int,
-              train_steps: int, pairs: int, symmetric: bool = True, batch_size: int = 8) -> Plan:
+              train_steps: int, pairs: int, symmetric: bool = True, batch_size: int = 8, calibration_seeds: int = 0) -> Plan:
     """The plan, timed by one guided UNet call at the harvest's batch size; other batches scale linearly."""
     steps = steps or model.default_steps
     guidance = model.default_guidance if guidance is None else guidance
@@ -81,4 +83,6 @@ def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: flo
         harvest_s=round(-(-samples // batch) * steps * call, 1),
         # backward costs about twice a forward pass; decoding and embedding x0 are left out
         train_s=round(train_steps * 3 * call * max(1.0, train_batch / batch), 1),
+        calibration_s=round(images_to_measure(count, calibration_seeds) / calibration_seeds * steps * call
+                            * max(1.0, calibration_seeds / batch), 1) if calibration_seeds else 0.0,
     )

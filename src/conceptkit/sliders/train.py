@@ -41,25 +41,51 @@ class Directions:
     mean: np.ndarray  # (d,)
 
 
-def principal_directions(embeddings: np.ndarray, k: int, *, seed: int = 0) -> Directions:
-    """PCA of (M, d) embeddings to k directions (SliderSpace Sec. 3.1); scikit-learn's full SVD.
+DIRECTION_METHODS = ("pca", "ica")
+
+
+def principal_directions(embeddings: np.ndarray, k: int, *, seed: int = 0, method: str = "pca") -> Directions:
+    """The k directions of (M, d) embeddings the sliders are trained along.
+
+    `pca` (SliderSpace Sec. 3.1): the top-k principal components, scikit-learn's full SVD.
+    `ica`: the same k-dimensional principal subspace, whitened and rotated to statistically
+    independent directions (FastICA's mixing columns), ordered by the variance along each. PCA's
+    directions are only defined up to a rotation among components of similar variance, so when
+    a concept's factors vary about equally they come out mixed; independent factors are what ICA
+    recovers. The subspace is PCA's either way (docs/sliders.md, the PCA stage); ICA's directions need
+    not be orthogonal, so their variance shares need not add up to PCA's.
 
     Args:
         embeddings: (M, d) rows, typically L2-normalised image embeddings.
         k: number of directions; at most min(M - 1, d).
     """
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA, FastICA
 
     x = np.asarray(embeddings, dtype=np.float64)
     if x.ndim != 2:
         raise UsageError(f"embeddings must be (M, d), got shape {x.shape}")
+    if method not in DIRECTION_METHODS:
+        raise UsageError(f"--directions must be one of {', '.join(DIRECTION_METHODS)} (got {method!r})")
     available = min(x.shape[0] - 1, x.shape[1])
     if k < 1 or k > available:
         raise UsageError(f"--count must be between 1 and {available} (the directions {x.shape[0]} embeddings of "
                          f"dimension {x.shape[1]} give), got {k}; harvest more --samples for more")
     pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(x)
-    comps = pca.components_ / np.linalg.norm(pca.components_, axis=1, keepdims=True)
-    return Directions(comps.astype(np.float32), pca.explained_variance_ratio_.astype(np.float64), pca.mean_.astype(np.float32))
+    if method == "pca":
+        comps, ratio = pca.components_, pca.explained_variance_ratio_
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FastICA's convergence warning: the rotation is used as it stands
+            ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=1000, tol=1e-4).fit(x)
+        comps = ica.mixing_.T / np.linalg.norm(ica.mixing_.T, axis=1, keepdims=True)
+        centred = x - x.mean(0)
+        ratio = (centred @ comps.T).var(0) / centred.var(0).sum()
+        order = np.argsort(-ratio, kind="stable")
+        comps, ratio = comps[order], ratio[order]
+    comps = comps / np.linalg.norm(comps, axis=1, keepdims=True)
+    return Directions(comps.astype(np.float32), np.asarray(ratio, np.float64), pca.mean_.astype(np.float32))
 
 
 def slider_loss(shift: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
