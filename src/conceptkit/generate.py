@@ -25,6 +25,7 @@ from conceptkit.diffusion import sample, same_weights
 from conceptkit.errors import UsageError
 from conceptkit.figures import grid_image, with_column_labels
 from conceptkit.infotext import write_png
+from conceptkit.models.flow import check_guidance, is_flow
 from conceptkit.picasso import subconcepts
 from conceptkit.sliders.apply import SliderModification
 from conceptkit.sliders.lora_import import open_loras, parse_lora
@@ -134,6 +135,10 @@ def _check_model(sset: SliderSet, model, force: bool, warn: Warn) -> None:
 
 def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None) -> GenerateResult:
     """Draw `cfg.count` seeds (or a sweep grid) with the requested sliders; write PNGs to `cfg.out`."""
+    check_guidance(model, cfg.guidance)
+    if is_flow(model) and (cfg.loras or cfg.subconcepts or cfg.subconcept_grid):
+        raise UsageError(f"{model.spec} is a {model.arch} model: --lora, --subconcept and --subconcept-grid "
+                         "handle SD 1.x, SD 2.x and SDXL for now")
     steps = cfg.steps or model.default_steps
     guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
     identity = model.identity()

@@ -59,7 +59,7 @@ def generate(
     textual_inversion.check_token(token, embedding)
     if embedding is not None:
         textual_inversion.check_in_prompts(token, [prompt])
-    loaded = open_model(model, device, dtype, config)
+    loaded = open_model(model, device, dtype, config, flow=True)
     if embedding is not None:
         loaded = textual_inversion.add_embedding(loaded, embedding, token)
     with ui.progress("generate", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:

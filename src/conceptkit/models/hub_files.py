@@ -15,8 +15,10 @@ PIPELINE_ARCH = {  # model_index.json `_class_name` -> loader family
     "StableDiffusionPipeline": "sd",
     "LatentConsistencyModelPipeline": "sd",  # LCM-distilled SD 1.5: same components
     "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",  # FLUX.1 dev / schnell (models/flow.py)
+    "StableDiffusion3Pipeline": "sd3",  # SD3 / SD3.5
 }
-WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")  # components whose weights are loaded
+WEIGHTED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # components whose weights are loaded
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # the loader passes None for these
 CONFIG_SUFFIXES = (".json", ".txt")  # configs, scheduler settings, tokenizer vocabularies and merges
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -99,7 +101,7 @@ def select_pipeline_files(
     class_name = index.get("_class_name", "?")
     if class_name not in PIPELINE_ARCH:
         what = "an SDXL refiner / image-to-image pipeline" if "Img2Img" in class_name else class_name
-        raise UnsupportedModelError(f"{repo_id} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x and SDXL text-to-image")
+        raise UnsupportedModelError(f"{repo_id} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3 text-to-image")
     components = sorted(
         k for k, v in index.items()
         if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None and k not in NOT_LOADED

@@ -6,7 +6,8 @@ diffusers itself only ever reads local folders. Weights are loaded in fp32
 on the CPU, fingerprinted, then moved to the requested device and dtype, so the fingerprint
 names the weights whatever device or precision a run uses. Handles SD 1.x / 2.x
 (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), few-step distilled variants
-included (Turbo, LCM, DMD, Lightning: through sampling defaults); anything else is refused.
+included (Turbo, LCM, DMD, Lightning: through sampling defaults), and the flow-matching transformers
+FLUX.1 (`FluxPipeline`) and SD3 / SD3.5 (`StableDiffusion3Pipeline`, `models/flow.py`); anything else is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from conceptkit.models.sources import (
     HUB_ID_RE, check_folder, hub_needs, is_single_file_spec, load_folder, looks_like_path, pipeline_need,
     resolve_single_file_config, toy_folder,
 )
+from conceptkit.models.flow import FLOW_PIPELINES, FLOW_TINY_NAMES, build_flow_tiny, flow_defaults
 from conceptkit.models.full import FULL_NAMES, build_full
 from conceptkit.models.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.models.tiny import TINY_NAMES, build_tiny
@@ -53,9 +55,9 @@ PROBE_WORDS = ("a", "photo", "dog")  # a sane tokenizer maps none of these to it
 class LoadedModel:
     """A pipeline ready to sample, with what identifies it and how to sample it by default."""
 
-    pipe: DiffusionPipeline  # StableDiffusionPipeline | StableDiffusionXLPipeline on device/dtype, progress bar off
+    pipe: DiffusionPipeline  # StableDiffusion(XL)Pipeline | FluxPipeline | StableDiffusion3Pipeline, progress bar off
     spec: str  # what the user passed to --model
-    arch: str  # "sd1" | "sd2" | "sdxl"
+    arch: str  # "sd1" | "sd2" | "sdxl" | "flux" | "sd3"
     source: str  # "builtin" | "hub-cache" | "folder" | "single-file"
     fingerprint: str  # sha256 hex of the weights as loaded (fp32, before any cast): see fingerprint_pipeline
     device: torch.device
@@ -89,6 +91,8 @@ BUILTINS = (
     BuiltinModel("toy-turbo", "sd1", "the toy distilled to 1-4 steps (DMD2): mode-collapsed on what a prompt leaves open, like SDXL-DMD"),
     BuiltinModel("tiny-sd", "sd1", "tiny random SD 1.x-shaped pipeline built from config: tests and dry runs, draws noise"),
     BuiltinModel("tiny-sdxl", "sdxl", "tiny random SDXL-shaped pipeline (two text encoders): tests and dry runs, draws noise"),
+    BuiltinModel("tiny-flux", "flux", "tiny random FLUX.1-dev-shaped pipeline (CLIP + T5, embedded guidance): tests, draws noise"),
+    BuiltinModel("tiny-sd3", "sd3", "tiny random SD3-shaped pipeline (two CLIPs + T5, joint blocks): tests, draws noise"),
     BuiltinModel("random-sd15", "sd1", "full-size SD 1.5 architecture with random weights (860M UNet): benchmarks, draws noise"),
     BuiltinModel("random-sdxl", "sdxl", "full-size SDXL base architecture with random weights (2.6B UNet): benchmarks, draws noise"),
 )
@@ -229,7 +233,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     arch = _pipeline_arch(pipe, spec)
     if file_arch is not None and arch != "sdxl":
         arch = file_arch  # a single file's text-encoder layout tells SD 1.x (CLIP) from SD 2.x (OpenCLIP)
-    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+    for tokenizer in (getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")):
         if tokenizer is not None:
             check_tokenizer(tokenizer, spec)
     fingerprint = fingerprint_pipeline(pipe)
@@ -254,6 +258,8 @@ def _locate(
         return (lambda: build_tiny(spec)), "builtin", spec, None
     if spec in FULL_NAMES:
         return (lambda: build_full(spec)), "builtin", spec, None
+    if spec in FLOW_TINY_NAMES:
+        return (lambda: build_flow_tiny(spec)), "builtin", spec, None
     if spec == "toy":
         folder = toy_folder()
         check_folder(folder, spec)
@@ -338,11 +344,13 @@ def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _pipeline_arch(pipe, spec: str) -> str:
-    """The architecture: "sdxl" for SDXL; for SD, "sd2" when the UNet's context is 1024 wide (OpenCLIP-H), else "sd1"."""
+    """The architecture: "sdxl", "flux", "sd3"; for SD, "sd2" when the UNet's context is 1024 wide (OpenCLIP-H), else "sd1"."""
     if type(pipe).__name__ == "StableDiffusionXLPipeline":
         return "sdxl"
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        return FLOW_PIPELINES[type(pipe).__name__]
     if type(pipe).__name__ != "StableDiffusionPipeline":
-        raise UnsupportedModelError(f"{spec} loaded as {type(pipe).__name__}; conceptkit handles SD 1.x, SD 2.x and SDXL")
+        raise UnsupportedModelError(f"{spec} loaded as {type(pipe).__name__}; conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3")
     return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
 
 
@@ -377,6 +385,8 @@ def _sampling_defaults(spec: str, names: str, pipe) -> tuple[int, float]:
             return 20, 7.5
     if spec in TINY_NAMES:
         return 4, 7.5
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        return flow_defaults(spec, names, pipe)
     text = names.lower()
     lcm = type(pipe.scheduler).__name__ == "LCMScheduler" or "lcm" in text
     if "turbo" in text:

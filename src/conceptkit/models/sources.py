@@ -16,6 +16,7 @@ import torch
 
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
 from conceptkit.models import hub
+from conceptkit.models.flow import FLOW_TINY_NAMES
 from conceptkit.models.full import FULL_NAMES
 from conceptkit.models.hub import cached_snapshot, hf_cache_dir  # noqa: F401 - re-exported: where cached models live
 from conceptkit.models.hub_files import PIPELINE_ARCH
@@ -49,7 +50,7 @@ def hub_needs(spec: str, config: str | Path | None = None, *, prefer_fp16: bool 
         prefer_fp16: the run computes in half precision (fp16 weights are downloaded where a repository has them).
     """
     spec = str(spec)
-    if spec in TINY_NAMES or spec in FULL_NAMES or spec in ("toy", "toy-turbo"):  # built-ins need nothing from the hub
+    if spec in TINY_NAMES or spec in FULL_NAMES or spec in FLOW_TINY_NAMES or spec in ("toy", "toy-turbo"):  # built-ins need nothing from the hub
         return []
     if looks_like_path(spec):
         path = Path(spec).expanduser()
@@ -114,7 +115,7 @@ def resolve_single_file_config(arch: str, config: str | Path | None, path: Path)
 
 
 def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
-    """Check a pipeline folder before loading it (JSON and file names only): (family "sd"|"sdxl", variant)."""
+    """Check a pipeline folder before loading it (JSON and file names only): (family "sd"|"sdxl"|"flux"|"sd3", variant)."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         loose = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -128,7 +129,7 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
     family = PIPELINE_ARCH.get(class_name)
     if family is None:
         what = "an SDXL refiner / image-to-image pipeline" if "Img2Img" in class_name else class_name
-        raise UnsupportedModelError(f"{spec} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x and SDXL text-to-image")
+        raise UnsupportedModelError(f"{spec} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3 text-to-image")
     if family == "sdxl" and (index.get("text_encoder", [None])[0] is None or index.get("text_encoder_2", [None])[0] is None):
         raise UnsupportedModelError(f"{spec} is an SDXL pipeline without both text encoders (a refiner?); not supported")
     return family, check_pipeline_weights(folder, index, spec)
@@ -137,12 +138,14 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
 def load_folder(folder: Path, spec: str):
     """Load a diffusers pipeline folder (a local folder or a cached snapshot) in fp32 on the CPU."""
     family, variant = check_folder(folder, spec)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    if family == "sdxl":
-        cls, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+    if family in ("flux", "sd3"):
+        cls, extra = getattr(diffusers, "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"), {}
+    elif family == "sdxl":
+        cls, extra = diffusers.StableDiffusionXLPipeline, {"add_watermarker": False}
     else:
-        cls = StableDiffusionPipeline
+        cls = diffusers.StableDiffusionPipeline
         extra = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
     try:
         return cls.from_pretrained(
@@ -156,7 +159,7 @@ def load_folder(folder: Path, spec: str):
 def check_pipeline_weights(folder: Path, index: dict, spec: str) -> str | None:
     """Refuse pickled-only or missing weights before diffusers tries; return the variant to load."""
     variant = None
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if name not in index or index[name][0] is None:
             continue
         sub = folder / name
