@@ -90,6 +90,19 @@ def flow_conditioning(model, prompts: Sequence[str], guidance: bool) -> FlowCond
     return FlowConditioning(pe, pooled, npe if guidance else None, npooled if guidance else None)
 
 
+def flow_predict_x0(model, xt: torch.Tensor, t: torch.Tensor, cond: FlowConditioning, prompt_idx: torch.Tensor,
+                    guidance: float) -> torch.Tensor:
+    """The x0 estimate at harvested (x_t, t), guided as in sampling: x_t - sigma * v with sigma = t / 1000.
+
+    A harvest keeps integer timesteps (sigma * 1000 rounded down), so sigma here is at most 0.001
+    below the sampled one; the slider loss compares estimates at the same point with and without
+    the slider, which this does not change.
+    """
+    sigma = t.to(model.device, torch.float32) / float(model.pipe.scheduler.config.num_train_timesteps)
+    v = velocity(model, xt, sigma, cond, prompt_idx, guidance)
+    return x0_from_velocity(v, xt.to(v.device, v.dtype), sigma)
+
+
 def velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: FlowConditioning, prompt_idx: torch.Tensor,
              guidance: float) -> torch.Tensor:
     """The (guided) velocity at x_t = `x`, differentiable: (N, C, h, w) in, (N, C, h, w) out.

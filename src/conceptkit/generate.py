@@ -25,7 +25,7 @@ from conceptkit.diffusion import sample, same_weights
 from conceptkit.errors import UsageError
 from conceptkit.figures import grid_image, with_column_labels
 from conceptkit.infotext import write_png
-from conceptkit.models.flow import check_guidance, is_flow
+from conceptkit.models.flow import check_guidance, denoiser, is_flow
 from conceptkit.picasso import subconcepts
 from conceptkit.sliders.apply import SliderModification
 from conceptkit.sliders.lora_import import open_loras, parse_lora
@@ -170,7 +170,8 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     # 1c. every --lora file checked against this UNet, then loaded first: slider hooks go on top of its layers
     lmod = open_loras(model, cfg.loras, cfg_batches=guidance > 1.0)
     try:
-        mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
+        cfg_batches = guidance > 1.0 and model.arch != "flux"  # FLUX's guidance is embedded: one batch
+        mod = SliderModification(denoiser(model.pipe), chosen, cfg_batches=cfg_batches) if chosen else None
         subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
     except BaseException:
         if lmod:

@@ -60,7 +60,7 @@ def train(
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
     encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
-    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
+    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet's (or FLUX's / SD3's transformer's) modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs. auto: cross-attention to_k/to_v on a UNet; both streams' attention keys and values in FLUX / SD3 (docs/sliders.md).")] = "auto",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
@@ -83,8 +83,11 @@ def train(
     from conceptkit.sliders.train import TrainSettings  # deferred: --help loads no torch
     from conceptkit.sliders.pipeline import SlidersConfig, run  # deferred: --help loads no torch
 
-    def settings(d: dict) -> SlidersConfig:
-        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, encoder=encoder, rank=rank, targets=targets,
+    from conceptkit.sliders.targets import resolve_targets  # deferred: --help loads no torch
+
+    def settings(d: dict, arch: str = "sd1") -> SlidersConfig:
+        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, encoder=encoder, rank=rank,
+                             targets=resolve_targets(targets, arch),
                              steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
                              gradient_checkpointing=gradient_checkpointing,
                              train=TrainSettings(steps=d["train_steps"], pairs=d["pairs"], lr=d["lr"], start=start, seed=seed))
@@ -98,16 +101,17 @@ def train(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = open_model(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
+    loaded = open_model(model, device, dtype, config, encoders=[encoder], flow=True)  # names every download before any starts
+    from conceptkit.models.flow import denoiser  # deferred: --help loads no torch
     from conceptkit.sliders.layers import select_targets  # deferred: --help loads no torch
 
     try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
-        select_targets(loaded.pipe.unet, targets)
+        select_targets(denoiser(loaded.pipe), resolve_targets(targets, loaded.arch))
     except ValueError as exc:
         raise UsageError(f"--targets {targets!r}: {exc}") from None
     profile = slider_defaults.for_model(loaded)
     values, from_profile = slider_defaults.resolve(profile, **given)
-    cfg = settings(values)
+    cfg = settings(values, loaded.arch)
     defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
     used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
             + f" ({profile.why})") if from_profile else None

@@ -81,6 +81,12 @@ class LoraFile:
                 "scale": round(float(scale), 6), "modules": len(self.unet_modules)}
 
 
+# how keys of FLUX / SD3 LoRA files start (diffusers, OneTrainer, kohya on BFL names, bare BFL or diffusers names)
+TRANSFORMER_LORA_KEYS = ("transformer.", "lora_transformer_", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                         "lora_unet_joint_blocks_", "double_blocks.", "single_blocks.", "joint_blocks.",
+                         "diffusion_model.double_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+
+
 def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
     """Check `spec.path` against `pipe` without changing it: readable, a LoRA, every UNet key a UNet module of the right shape."""
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -92,6 +98,10 @@ def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises several types for a bad file
         raise UsageError(f"{what} {path}: cannot read it as safetensors: {exc}") from exc
+    foreign = next((k for k in keys if k.startswith(TRANSFORMER_LORA_KEYS)), None)
+    if foreign is not None:
+        raise UsageError(f"{what} {path} is a LoRA for a FLUX / SD3 transformer (key {foreign!r}); "
+                         f"it cannot apply to this {type(pipe).__name__}'s UNet")
     kohya = any(k.startswith("lora_unet_") for k in keys)
     if not kohya and not any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "lora_down" in k for k in keys):
         raise UsageError(f"{what} {path}: no LoRA keys (lora_unet_..., lora_A/lora_B); first key {keys[0] if keys else 'none'!r}")
