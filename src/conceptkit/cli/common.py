@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import get_current_context
 
 
-FLOW_COMMANDS = "harvest, generate and sliders train"  # the commands that pass open_model(flow=True)
+FLOW_COMMANDS = "harvest, generate, sliders train and cluster"  # the commands that pass open_model(flow=True)
 
 
 def click_context():

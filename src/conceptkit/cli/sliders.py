@@ -109,6 +109,9 @@ def train(
         select_targets(denoiser(loaded.pipe), resolve_targets(targets, loaded.arch))
     except ValueError as exc:
         raise UsageError(f"--targets {targets!r}: {exc}") from None
+    if export is not None and loaded.arch == "sd3":
+        raise UsageError("--export: SD3 has no kohya naming (SD 1.x, 2.x, SDXL and FLUX do); its slider files "
+                         "load with StableDiffusion3Pipeline.load_lora_weights as they are")
     profile = slider_defaults.for_model(loaded)
     values, from_profile = slider_defaults.resolve(profile, **given)
     cfg = settings(values, loaded.arch)
