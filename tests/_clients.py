@@ -224,3 +224,41 @@ def comfy_flux_key_map(transformer) -> dict[str, Weight]:
         out["transformer." + module] = place.weight
         out["lora_transformer_" + module.replace(".", "_")] = place.weight
     return out
+
+
+_FLUX_NORMS = {"double": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                          "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"},
+               "single": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
+_FLUX_BASIC = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+               "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "norm_out.linear": "final_layer.adaLN_modulation.1"}  # (scale, shift) in diffusers, (shift, scale) in BFL
+
+
+def flux_bfl_state_dict(transformer) -> dict:
+    """A FluxTransformer2DModel's weights in Black Forest Labs' layout (the naming above; fused q/k/v by rows)."""
+    import torch
+
+    sd = transformer.state_dict()
+    out: dict = {}
+    for module, place in flux_bfl_weights(transformer).items():
+        for end in ("weight", "bias"):
+            t = sd.get(f"{module}.{end}")
+            if t is not None:
+                full = out.setdefault(f"{place.weight.name}.{end}", torch.zeros((place.weight.shape[0],) + tuple(t.shape[1:])))
+                full[place.start:place.start + place.rows] = t
+    for kind, blocks, prefix in (("double", transformer.transformer_blocks, "transformer_blocks"),
+                                 ("single", transformer.single_transformer_blocks, "single_transformer_blocks")):
+        for i in range(len(blocks)):
+            for d, b in _FLUX_NORMS[kind].items():
+                out[f"{kind}_blocks.{i}.{b}.scale"] = sd[f"{prefix}.{i}.{d}.weight"]
+    for d, b in _FLUX_BASIC.items():
+        for end in ("weight", "bias"):
+            t = sd.get(f"{d}.{end}")
+            if t is not None:
+                out[f"{b}.{end}"] = torch.cat(t.chunk(2)[::-1]) if d == "norm_out.linear" else t
+    return out

@@ -151,3 +151,72 @@ def test_guidance_on_a_model_without_it_is_one_line(schnell_folder, tmp_path):
 def test_what_does_not_handle_flow_models_yet_refuses_in_one_line(args):
     line = one_line_error(runner.invoke(app, [*args, "--device", "cpu"]))
     assert "SD 1.x, SD 2.x and SDXL" in line
+
+
+# ---------------------------------------------------------------- hub ids
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Online against a fake hub on localhost, with an empty Hugging Face cache (as tests/test_hub.py)."""
+    import huggingface_hub.constants
+
+    from _fake_hub import FakeHub
+    from conceptkit.models import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with FakeHub() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+    hub.set_offline(False)
+
+
+def test_a_flux_hub_id_downloads_and_a_gated_one_says_log_in(fake_hub, schnell_folder, tmp_path):
+    fake_hub.add("test-org/tiny-flux-schnell", schnell_folder)
+    fake_hub.add("test-org/flux-gated", schnell_folder, gated=401)
+    result = runner.invoke(app, ["generate", "a dog", "-m", "test-org/tiny-flux-schnell", "-n", "1", "--device", "cpu",
+                                 "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "downloading model test-org/tiny-flux-schnell" in result.stderr
+    line = one_line_error(runner.invoke(app, ["generate", "a dog", "-m", "test-org/flux-gated", "--device", "cpu",
+                                              "--out", str(tmp_path)]))
+    assert "gated" in line and "`hf auth login`" in line
+
+
+# ---------------------------------------------------------------- single files
+
+
+def test_a_flux_single_file_loads_with_a_config_folder(models, schnell_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from _clients import flux_bfl_state_dict
+    from conceptkit.errors import UsageError as Usage
+
+    flux = models["tiny-flux"]
+    folder = tmp_path / "tiny-flux"
+    flux.pipe.save_pretrained(folder, safe_serialization=True)
+    state = flux_bfl_state_dict(flux.pipe.transformer)
+    path = tmp_path / "flux1-tiny.safetensors"  # ComfyUI's prefix, as in its full checkpoints
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    loaded = load_model(str(path), device="cpu", config=str(folder))
+    assert (loaded.source, loaded.arch) == ("single-file", "flux")
+    assert loaded.fingerprint == flux.fingerprint  # every weight where it belongs, fused q/k/v split by rows
+    with pytest.raises(Usage, match="schnell"):
+        load_model(str(path), device="cpu", config=str(schnell_folder))  # a dev-style file, a schnell config
+
+
+def test_an_sd3_single_file_loads_with_a_config_folder(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from _flow_files import sd3_original_state_dict
+
+    sd3 = models["tiny-sd3"]
+    folder = tmp_path / "tiny-sd3"
+    sd3.pipe.save_pretrained(folder, safe_serialization=True)
+    path = tmp_path / "sd3-tiny.safetensors"
+    save_file(sd3_original_state_dict(sd3.pipe.transformer), str(path))
+    loaded = load_model(str(path), device="cpu", config=str(folder))
+    assert (loaded.source, loaded.arch) == ("single-file", "sd3") and loaded.fingerprint == sd3.fingerprint

@@ -89,7 +89,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
         show_default=False,
     ),
 ]

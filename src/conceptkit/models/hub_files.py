@@ -82,7 +82,8 @@ def _refuse_unweighted(repo_id: str, where: str, names: list[str]) -> None:
 
 
 def select_pipeline_files(
-    repo_id: str, index: dict, files: dict[str, int | None], *, prefer_fp16: bool, configs_only: bool = False
+    repo_id: str, index: dict, files: dict[str, int | None], *, prefer_fp16: bool, configs_only: bool = False,
+    skip_weights: tuple[str, ...] = (),
 ) -> list[str]:
     """The files of a diffusers pipeline repository that loading it needs, or an error naming why it cannot load.
 
@@ -97,6 +98,7 @@ def select_pipeline_files(
         files: repository path -> size in bytes (None when the listing has no size).
         prefer_fp16: the run computes in half precision (fp16 weights load identically, at half the download).
         configs_only: only configs and tokenizers (what a single-file checkpoint borrows).
+        skip_weights: components whose weights are not needed (a FLUX / SD3 single file's transformer).
     """
     class_name = index.get("_class_name", "?")
     if class_name not in PIPELINE_ARCH:
@@ -114,7 +116,7 @@ def select_pipeline_files(
         if not configs:
             raise UnsupportedModelError(f"{repo_id}: model_index.json names {comp}, but {comp}/ has no config on the Hugging Face Hub")
         chosen += [f"{comp}/{n}" for n in configs]
-        if comp in WEIGHTED and not configs_only:
+        if comp in WEIGHTED and not configs_only and comp not in skip_weights:
             sets = _weight_sets(names)
             if None not in sets and "fp16" not in sets:
                 _refuse_unweighted(repo_id, f"{comp}/", names)
@@ -146,8 +148,10 @@ def select_encoder_files(repo_id: str, files: dict[str, int | None]) -> list[str
     return _configs(names) + sets[None]
 
 
-def missing_repo_hint(repo_id: str, configs_only: bool = False) -> str:
+def missing_repo_hint(repo_id: str, configs_only: bool = False, skip_transformer: bool = False) -> str:
     """The command that downloads `repo_id` (what an error tells a user to run where there is network)."""
+    if skip_transformer:
+        return f"hf download {repo_id} --exclude 'transformer/*'"
     if configs_only:
         return f"hf download {repo_id} --include '*.json' '*.txt'"
     return f"hf download {repo_id}"

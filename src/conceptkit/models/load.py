@@ -275,7 +275,7 @@ def _locate(
             raise ModelNotFoundError(f"no such file or folder: {spec}")
         if path.is_file():
             info = inspect_single_file(path)
-            config_dir, label = resolve_single_file_config(info.arch, config, path)
+            config_dir, label = resolve_single_file_config(info.config_key, config, path)
             check_config_matches(info, config_dir, label)
             names = f"{path.name} {Path(label).name}"
             return (lambda: load_single_file(info, config_dir, label)), "single-file", names, info.arch

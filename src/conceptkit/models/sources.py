@@ -17,6 +17,7 @@ import torch
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
 from conceptkit.models import hub
 from conceptkit.models.flow import FLOW_TINY_NAMES
+from conceptkit.models.flow_single_file import FLOW_CONFIG_REPOS
 from conceptkit.models.full import FULL_NAMES
 from conceptkit.models.hub import cached_snapshot, hf_cache_dir  # noqa: F401 - re-exported: where cached models live
 from conceptkit.models.hub_files import PIPELINE_ARCH
@@ -54,7 +55,7 @@ def hub_needs(spec: str, config: str | Path | None = None, *, prefer_fp16: bool 
         return []
     if looks_like_path(spec):
         path = Path(spec).expanduser()
-        return config_needs(inspect_single_file(path).arch, config, path) if path.is_file() else []
+        return config_needs(inspect_single_file(path).config_key, config, path) if path.is_file() else []
     if HUB_ID_RE.match(spec):
         need = pipeline_need(spec, prefer_fp16)
         return [] if hub.local_state(need)[0] is not None else [need]
@@ -71,17 +72,18 @@ def config_needs(arch: str, config: str | Path | None, path: Path) -> list[hub.N
         label = str(config)
         if Path(label).expanduser().is_dir() or not is_hub_id(label):
             return []
-        need = _config_need(label, path)
+        need = _config_need(label, path, arch)
         return [] if hub.local_state(need)[0] is not None else [need]
     tried = CANONICAL_CONFIG_REPOS[arch]
-    if any(hub.local_state(_config_need(repo_id, path))[0] is not None for repo_id in tried):
+    if any(hub.local_state(_config_need(repo_id, path, arch))[0] is not None for repo_id in tried):
         return []
-    return [_config_need(tried[0], path)]
+    return [_config_need(tried[0], path, arch)]
 
 
-def _config_need(repo_id: str, path: Path) -> hub.Need:
+def _config_need(repo_id: str, path: Path, arch: str) -> hub.Need:
+    kind = "components" if arch in FLOW_CONFIG_REPOS else "config"  # FLUX / SD3: the text encoders' and VAE's weights too
     return hub.Need(
-        repo_id, "config", role=f"configs of {path.name}",
+        repo_id, kind, role=f"configs of {path.name}" if kind == "config" else f"text encoders and VAE of {path.name}",
         alternative="or pass --config with a diffusers folder of the same architecture",
     )
 
@@ -101,17 +103,17 @@ def resolve_single_file_config(arch: str, config: str | Path | None, path: Path)
                 raise UsageError(f"--config {label} is not a diffusers pipeline folder (no model_index.json)")
             return folder, label
         if is_hub_id(label):
-            snapshot = hub.resolve(_config_need(label, path))
+            snapshot = hub.resolve(_config_need(label, path, arch))
             if not (snapshot / "model_index.json").is_file():
                 raise UsageError(f"--config {label} is in the cache but is not a diffusers pipeline (no model_index.json)")
             return snapshot, label
         raise ModelNotFoundError(f"--config {label}: no such folder, and not a Hugging Face id")
     tried = CANONICAL_CONFIG_REPOS[arch]
     for repo_id in tried:
-        snapshot, _ = hub.local_state(_config_need(repo_id, path))
+        snapshot, _ = hub.local_state(_config_need(repo_id, path, arch))
         if snapshot is not None:
             return snapshot, repo_id
-    return hub.resolve(_config_need(tried[0], path)), tried[0]
+    return hub.resolve(_config_need(tried[0], path, arch)), tried[0]
 
 
 def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
