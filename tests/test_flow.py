@@ -145,11 +145,13 @@ def test_guidance_on_a_model_without_it_is_one_line(schnell_folder, tmp_path):
         check_guidance(load_model(str(schnell_folder), device="cpu"), 0.0)
 
 
-@pytest.mark.parametrize("args", [["cluster", "a dog", "-m", "tiny-sd3"],
+@pytest.mark.parametrize("args", [["generate", "a dog", "-m", "tiny-sd3", "--lora", "{lora}"],
                                   ["generate", "a dog", "-m", "tiny-flux", "--subconcept", "abc:0"]],
-                         ids=["cluster", "generate-subconcept"])
-def test_what_does_not_handle_flow_models_yet_refuses_in_one_line(args):
-    line = one_line_error(runner.invoke(app, [*args, "--device", "cpu"]))
+                         ids=["generate-lora", "generate-subconcept"])
+def test_what_does_not_handle_flow_models_yet_refuses_in_one_line(args, tmp_path):
+    lora = tmp_path / "other.safetensors"
+    lora.write_bytes(b"")
+    line = one_line_error(runner.invoke(app, [*(a.format(lora=lora) for a in args), "--device", "cpu"]))
     assert "SD 1.x, SD 2.x and SDXL" in line
 
 

@@ -153,7 +153,7 @@ def test_fingerprint_ignores_device_dtype_but_identity_does_not(reference):
 
 def test_builtin_models_lists_every_builtin():
     models = {m.name: m for m in builtin_models()}
-    assert set(models) == {"toy", "toy-turbo", "tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3"}
+    assert set(models) == {"toy", "toy-turbo", "tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3", "random-flux"}
     assert models["tiny-sdxl"].arch == "sdxl" and models["toy"].arch == "sd1"
     assert models["random-sdxl"].arch == "sdxl" and models["random-sd15"].arch == "sd1"
     assert all(m.description for m in models.values())

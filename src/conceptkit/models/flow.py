@@ -24,7 +24,13 @@ from conceptkit.errors import UsageError
 from conceptkit.models.tiny import WORDS
 from conceptkit.tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
-FLOW_TINY_NAMES = ("tiny-flux", "tiny-sd3")
+FLOW_TINY_NAMES = ("tiny-flux", "tiny-sd3", "random-flux")  # built from config here (random-flux: benchmarks)
+FLOW_BUILTINS = (  # (name, arch, description) for `conceptkit models`
+    ("tiny-flux", "flux", "tiny random FLUX.1-dev-shaped pipeline (CLIP + T5, embedded guidance): tests, draws noise"),
+    ("tiny-sd3", "sd3", "tiny random SD3-shaped pipeline (two CLIPs + T5, joint blocks): tests, draws noise"),
+    ("random-flux", "flux", "FLUX.1-dev's depth (19 double, 38 single blocks) at width 256, random weights: benchmarks"),
+)
+NARROW_WIDTH = 256  # random-flux: 4 heads of 64 (FLUX.1: 24 heads of 128)
 FLOW_ARCHS = ("flux", "sd3")
 FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 SEED = 0
@@ -81,6 +87,9 @@ def build_flow_tiny(name: str, guidance_embeds: bool = True):
     """
     if name == "tiny-flux":
         return _tiny_flux(guidance_embeds)
+    if name == "random-flux":
+        return _tiny_flux(True, depth=(FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]), heads=NARROW_WIDTH // 64,
+                          head_dim=64, rope=(16, 24, 24))
     if name == "tiny-sd3":
         return _tiny_sd3()
     raise UsageError(f"unknown tiny model {name!r}; choose one of {', '.join(FLOW_TINY_NAMES)}")
@@ -123,15 +132,17 @@ def _vae(shift: float, scale: float):
     ).eval()
 
 
-def _tiny_flux(guidance_embeds: bool):
+def _tiny_flux(guidance_embeds: bool, depth: tuple[int, int] = (2, 2), heads: int = 2, head_dim: int = 16,
+               rope: tuple[int, int, int] = (4, 6, 6)):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     text_encoder, tokenizer = _clip(32, projection=False)
     text_encoder_2, tokenizer_2 = _t5(32)
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+        patch_size=1, in_channels=16, num_layers=depth[0], num_single_layers=depth[1], attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=rope,
     ).eval()
     # FLUX.1's scheduler: resolution-dependent shift (FLUX.1-dev's scheduler_config.json), read by the pipeline
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -211,7 +222,7 @@ def flow_defaults(spec: str, names: str, pipe) -> tuple[int, float]:
     if flux and not pipe.transformer.config.guidance_embeds:
         return 4, 0.0
     if spec in FLOW_TINY_NAMES:
-        return 4, 3.5 if flux else 7.0
+        return 4, 3.5 if flux else 7.0  # random-flux too: benchmarks pass their own steps
     if flux:
         return 28, 3.5
     if "turbo" in names.lower():

@@ -31,7 +31,7 @@ from conceptkit.models.sources import (
     HUB_ID_RE, check_folder, hub_needs, is_single_file_spec, load_folder, looks_like_path, pipeline_need,
     resolve_single_file_config, toy_folder,
 )
-from conceptkit.models.flow import FLOW_PIPELINES, FLOW_TINY_NAMES, build_flow_tiny, flow_defaults
+from conceptkit.models.flow import FLOW_BUILTINS, FLOW_PIPELINES, FLOW_TINY_NAMES, build_flow_tiny, flow_defaults
 from conceptkit.models.full import FULL_NAMES, build_full
 from conceptkit.models.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.models.tiny import TINY_NAMES, build_tiny
@@ -91,10 +91,9 @@ BUILTINS = (
     BuiltinModel("toy-turbo", "sd1", "the toy distilled to 1-4 steps (DMD2): mode-collapsed on what a prompt leaves open, like SDXL-DMD"),
     BuiltinModel("tiny-sd", "sd1", "tiny random SD 1.x-shaped pipeline built from config: tests and dry runs, draws noise"),
     BuiltinModel("tiny-sdxl", "sdxl", "tiny random SDXL-shaped pipeline (two text encoders): tests and dry runs, draws noise"),
-    BuiltinModel("tiny-flux", "flux", "tiny random FLUX.1-dev-shaped pipeline (CLIP + T5, embedded guidance): tests, draws noise"),
-    BuiltinModel("tiny-sd3", "sd3", "tiny random SD3-shaped pipeline (two CLIPs + T5, joint blocks): tests, draws noise"),
     BuiltinModel("random-sd15", "sd1", "full-size SD 1.5 architecture with random weights (860M UNet): benchmarks, draws noise"),
     BuiltinModel("random-sdxl", "sdxl", "full-size SDXL base architecture with random weights (2.6B UNet): benchmarks, draws noise"),
+    *(BuiltinModel(*b) for b in FLOW_BUILTINS),
 )
 
 
@@ -239,6 +238,8 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     fingerprint = fingerprint_pipeline(pipe)
     steps, guidance = _sampling_defaults(spec, names, pipe)
     pipe.set_progress_bar_config(disable=True)
+    if arch == "flux" and torch_dtype == torch.float16 and str(dtype or "auto").lower() == "auto":
+        torch_dtype = torch.bfloat16  # FLUX.1 overflows in float16 (its activations exceed 65504); BFL ships bf16
     _move(pipe, torch_device, torch_dtype)
     return LoadedModel(
         pipe=pipe, spec=spec, arch=arch, source=source, fingerprint=fingerprint, device=torch_device,
@@ -265,7 +266,6 @@ def _locate(
         check_folder(folder, spec)
         return (lambda: load_folder(folder, spec)), "builtin", spec, None
     if spec == "toy-turbo":  # its name makes `_sampling_defaults` pick Turbo's defaults: 1 step, no guidance
-
         folder = turbo_folder()
         check_folder(folder, spec)
         return (lambda: load_folder(folder, spec)), "builtin", spec, None

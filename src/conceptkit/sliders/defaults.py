@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-BUILTIN_TEST_MODELS = ("tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3")
+BUILTIN_TEST_MODELS = ("tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3", "random-flux")
 
 
 @dataclass(frozen=True)
