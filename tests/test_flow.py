@@ -141,6 +141,10 @@ def test_guidance_on_a_model_without_it_is_one_line(schnell_folder, tmp_path):
                                               "--device", "cpu"]))
     assert "no guidance" in line
     check_guidance(load_model("tiny-flux", device="cpu"), 3.0)  # dev-style: embedded guidance is fine
+    from conceptkit.models.flow import check_size
+
+    with pytest.raises(UsageError, match="multiples of 4 pixels"):  # tiny-flux's 2x VAE and 2x2 packing; FLUX.1's: 16
+        check_size(load_model("tiny-flux", device="cpu"), 34, None)
     with pytest.raises(UsageError):
         check_guidance(load_model(str(schnell_folder), device="cpu"), 0.0)
 

@@ -25,7 +25,7 @@ from conceptkit.diffusion import generators, learned_words
 from conceptkit.diffusion_flow import unpack
 from conceptkit.errors import StoreError, UsageError
 from conceptkit.harvest_shards import overlaps, problems, shard_name, shard_ranges
-from conceptkit.models.flow import check_guidance, native_size, pipeline_kwargs
+from conceptkit.models.flow import check_guidance, check_size, native_size, pipeline_kwargs
 from conceptkit.models.load import LoadedModel
 from conceptkit.parallel import barrier, processes
 from conceptkit.settings import IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
@@ -198,6 +198,7 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
     A damaged manifest or shard is reported through `on_wait` and computed again.
     """
     check_guidance(model, cfg.guidance)
+    check_size(model, cfg.height, cfg.width)
     cfg = cfg.resolved(model)
     key = harvest_key(model, cfg)
     art = store.artifact("harvest", key)

@@ -211,6 +211,18 @@ def check_guidance(model, guidance: float | None) -> None:
                          "embedding); drop --guidance")
 
 
+def check_size(model, height: int | None, width: int | None) -> None:
+    """Refuse an image side a flow model cannot draw as asked (the pipeline would silently round it down):
+    FLUX packs 2x2 latents (multiples of 16 pixels on FLUX.1), SD3 cuts patches (16 pixels on SD3 / SD3.5)."""
+    if not is_flow(model):
+        return
+    flux = type(model.pipe).__name__ == "FluxPipeline"
+    step = int(model.pipe.vae_scale_factor) * (2 if flux else int(model.pipe.transformer.config.patch_size))
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and v % step:
+            raise UsageError(f"--{name} {v}: {model.spec} draws images whose sides are multiples of {step} pixels")
+
+
 def flow_defaults(spec: str, names: str, pipe) -> tuple[int, float]:
     """(steps, guidance) that suit a flow model.
 
