@@ -94,3 +94,16 @@ def test_cluster_end_to_end(tmp_path, name):
     assert doc["k"] == 2 and doc["model"] == name
     assert all("\u2581dog" in tokens for tokens in doc["concept_tokens"])  # T5's token of the concept
     assert Path(doc["images"]["centre_maps"]).is_file()
+    # its sub-concepts edit images: gates of 1 change nothing, bit for bit; closing sub-concept 0 changes them
+    import numpy as np
+    from PIL import Image
+
+    def draw(*extra):
+        r = runner.invoke(app, ["generate", "a photo of a dog", "-m", name, "-n", "1", "--steps", "8", "--device", "cpu",
+                                "--out", str(tmp_path / "img"), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return np.asarray(Image.open(json.loads(r.stdout)["files"][0]["path"]), dtype=np.int16)
+
+    base = draw()
+    assert np.array_equal(draw("--subconcept", f"{doc['key']}:0:scale:1"), base)
+    assert np.abs(draw("--subconcept", f"{doc['key']}:0:close") - base).max() > 0

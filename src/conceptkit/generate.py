@@ -136,9 +136,9 @@ def _check_model(sset: SliderSet, model, force: bool, warn: Warn) -> None:
 def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None) -> GenerateResult:
     """Draw `cfg.count` seeds (or a sweep grid) with the requested sliders; write PNGs to `cfg.out`."""
     check_guidance(model, cfg.guidance)
-    if is_flow(model) and (cfg.loras or cfg.subconcepts or cfg.subconcept_grid):
-        raise UsageError(f"{model.spec} is a {model.arch} model: --lora, --subconcept and --subconcept-grid "
-                         "handle SD 1.x, SD 2.x and SDXL for now")
+    if is_flow(model) and cfg.loras:
+        raise UsageError(f"{model.spec} is a {model.arch} model: --lora (other people's LoRA files) "
+                         "handles SD 1.x, SD 2.x and SDXL for now")
     steps = cfg.steps or model.default_steps
     guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
     identity = model.identity()
@@ -172,7 +172,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     try:
         cfg_batches = guidance > 1.0 and model.arch != "flux"  # FLUX's guidance is embedded: one batch
         mod = SliderModification(denoiser(model.pipe), chosen, cfg_batches=cfg_batches) if chosen else None
-        subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
+        subs = [subconcepts.SubconceptModification(denoiser(model.pipe), sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
     except BaseException:
         if lmod:
             lmod.remove()
