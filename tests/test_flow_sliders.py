@@ -166,3 +166,53 @@ def test_generate_with_a_slider_and_the_lora_refusals(trained, tmp_path, monkeyp
     line = one_line_error(runner.invoke(app, ["generate", "a dog", "-m", "tiny-sdxl", "--lora", str(flux_file),
                                               "--device", "cpu", "--out", str(tmp_path)]))
     assert "FLUX / SD3 transformer" in line
+
+
+def test_lora_files_on_flux_ours_and_the_kohya_export_draw_the_same(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from conceptkit.sliders.kohya import export_kohya
+
+    _, _, sset = trained["tiny-flux"]
+    # diffusers' kohya FLUX converter assumes FLUX.1's single-block widths (3072, 12288): at tiny width only the
+    # double blocks can be read back through it, so both files keep those
+    with safe_open(str(sset.path / sset.sliders[0].file), framework="pt") as f:
+        meta = f.metadata()
+        double = {k: f.get_tensor(k) for k in f.keys() if k.startswith("transformer.transformer_blocks.")}
+    ours = tmp_path / "ours.safetensors"
+    modules = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in double})
+    cfg = {**json.loads(meta["lora_adapter_metadata"]), "transformer.target_modules": modules}
+    conceptkit = {**json.loads(meta["conceptkit_slider"]), "modules": modules}
+    save_file(double, str(ours), metadata={**meta, "lora_adapter_metadata": json.dumps(cfg),
+                                           "conceptkit_slider": json.dumps(conceptkit)})
+    kohya = export_kohya(ours, tmp_path / "kohya.safetensors")  # BFL names, fused qkv, through diffusers' kohya converter
+
+    def draw(*extra):
+        r = runner.invoke(app, ["generate", "a photo of a dog", "-m", "tiny-flux", "-n", "1", "--steps", "3", "--device", "cpu",
+                                "--out", str(tmp_path / "img"), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return np.asarray(Image.open(json.loads(r.stdout)["files"][0]["path"]), dtype=np.int16)
+
+    base, a, b = draw(), draw("--lora", f"{ours}:40"), draw("--lora", f"{kohya}:40")
+    assert np.abs(a - base).max() > 0 and np.abs(a - b).max() <= 1  # the same weight change (PNG rounding)
+    sd_lora = tmp_path / "sd.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(32, 1)}, str(sd_lora))
+    line = one_line_error(runner.invoke(app, ["generate", "a dog", "-m", "tiny-flux", "--lora", str(sd_lora), "--device", "cpu",
+                                              "--out", str(tmp_path)]))
+    assert "SD / SDXL UNet" in line
+
+
+def test_an_sd3_lora_file_applies_with_generate(trained, tmp_path):
+    _, _, sset = trained["tiny-sd3"]
+    runs = [runner.invoke(app, ["generate", "a photo of a dog", "-m", "tiny-sd3", "-n", "1", "--steps", "2", "--device", "cpu",
+                                "--out", str(tmp_path / name), "--json", *extra])
+            for name, extra in (("base", ()), ("lora", ("--lora", f"{sset.path / sset.sliders[0].file}:40")))]
+    assert all(r.exit_code == 0 for r in runs), runs[-1].output
+    import numpy as np
+    from PIL import Image
+
+    base, lora = (np.asarray(Image.open(json.loads(r.stdout)["files"][0]["path"]), dtype=np.int16) for r in runs)
+    assert np.abs(lora - base).max() > 0  # pixels, not the PNG's settings text
