@@ -216,3 +216,16 @@ def test_an_sd3_lora_file_applies_with_generate(trained, tmp_path):
 
     base, lora = (np.asarray(Image.open(json.loads(r.stdout)["files"][0]["path"]), dtype=np.int16) for r in runs)
     assert np.abs(lora - base).max() > 0  # pixels, not the PNG's settings text
+
+
+def test_sliders_train_on_the_command_line_with_auto_targets_and_export(tmp_path):
+    result = runner.invoke(app, ["sliders", "train", "a photo of a dog", "-m", "tiny-flux", "--count", "2", "--samples", "3",
+                                 "--train-steps", "2", "--device", "cpu", "--export", str(tmp_path / "kohya"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    manifest = json.loads((Path(doc["path"]) / "manifest.json").read_text())
+    assert manifest["settings"]["targets"].startswith("(transformer_blocks|single_transformer_blocks)")
+    assert len(doc["export"]) == 2 and all(Path(p).is_file() for p in doc["export"])
+    line = one_line_error(runner.invoke(app, ["sliders", "train", "a photo of a dog", "-m", "tiny-sd3", "--export",
+                                              str(tmp_path / "k3"), "--device", "cpu"]))
+    assert "SD3 has no kohya naming" in line
