@@ -72,8 +72,11 @@ def _recorder(name: str, sink):
                 kt, k = both[:, :length], both[:, length:]
             scale = dh ** -0.5
             q, k, kt, vt = (t.transpose(1, 2).float() for t in (q, k, kt, vt))  # (B, heads, S, dh)
-            logits = torch.einsum("bhpd,bhsd->bhps", q, torch.cat([kt, k], 2)) * scale
-            probs = logits.softmax(-1)[..., :length]  # image queries on the text keys, normalised over all keys
+            keys = torch.cat([kt, k], 2)
+            # image queries on the text keys, normalised over all keys; a head at a time, keeping the text columns
+            # only (FLUX.1 at 1024 px: 4096 x 4608 logits per head instead of 24 times that)
+            probs = torch.stack([(torch.einsum("bpd,bsd->bps", q[:, h], keys[:, h]) * scale).softmax(-1)[..., :length]
+                                 for h in range(heads)], 1)  # (B, heads, HW, L)
             flat = [t.reshape(b * heads, t.shape[2], dh) for t in (q, kt, vt)]
             sink(name, SimpleNamespace(heads=heads, scale=scale), *flat, probs.reshape(b * heads, hw, length), None)
         return None
