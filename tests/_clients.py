@@ -58,11 +58,16 @@ def comfy_key_map(unet) -> dict[str, Weight]:
     return out
 
 
-def comfy_load(file_shapes: dict[str, tuple[int, ...]], key_map: dict[str, Weight]):
-    """`load_lora` for plain LoRA keys: (patched {prefix: Weight}, keys it would report as not loaded)."""
+def comfy_load(file_shapes: dict[str, tuple[int, ...]], key_map: dict[str, Weight], peft: bool = False):
+    """`load_lora` for plain LoRA keys: (patched {prefix: Weight}, keys it would report as not loaded).
+
+    `peft`: diffusers/peft naming, `<x>.lora_B.weight` / `<x>.lora_A.weight` (what `load_lora` reads as its
+    "diffusers2" form) instead of kohya's `lora_up` / `lora_down`."""
     patched, used = {}, set()
     for prefix, weight in key_map.items():
         up, down, alpha = f"{prefix}.lora_up.weight", f"{prefix}.lora_down.weight", f"{prefix}.alpha"
+        if peft:
+            up, down = f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight"
         if up in file_shapes:
             patched[prefix] = weight
             used |= {up, down} | ({alpha} if alpha in file_shapes else set())

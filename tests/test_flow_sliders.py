@@ -149,6 +149,11 @@ def test_kohya_flux_export_maps_every_key_under_comfyui(trained, tmp_path):
                 expected[place.start:place.start + place.rows] = factors.lora_B[module] @ factors.lora_A[module] * scale
         assert torch.allclose(delta, expected, atol=1e-6)
     assert {places[m].weight.name for m in factors.lora_A} == {w.name for w in patched.values()}
+    # the diffusers file itself loads in ComfyUI too: every `transformer.<module>.lora_A/B` key is in the same map
+    with safe_open(str(path), framework="pt") as f:
+        peft_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    patched, not_loaded = comfy_load(peft_shapes, key_map, peft=True)
+    assert not_loaded == [] and len(patched) == len(factors.lora_A)
 
 
 def test_generate_with_a_slider_and_the_lora_refusals(trained, tmp_path, monkeypatch):
