@@ -80,7 +80,9 @@ def test_defaults_of_the_released_models():
     assert flow_defaults("s/t", "stable-diffusion-3.5-large-turbo", fake("StableDiffusion3Pipeline")) == (4, 0.0)
 
 
-# Released sizes: FLUX.1 [dev] 11.9B (schnell has no guidance embedder: 10.2M fewer); SD3.5 Large 8.1B; SD3 Medium 2B.
+# The released configs' sizes, counted on meta. They match the model cards' round figures: FLUX.1 [dev] 12B
+# (schnell: no guidance embedder, 10.2M fewer), SD3.5 Large 8.1B, SD3 Medium 2B; SD3.5 Medium's card says 2.5B,
+# which this count (2.24B, transformer only) does not reach.
 PUBLISHED = {"flux-dev": 11_901_408_320, "flux-schnell": 11_891_178_560, "sd3.5-large": 8_056_627_520,
              "sd3-medium": 2_028_328_000, "sd3.5-medium": 2_243_171_520}
 
