@@ -20,6 +20,10 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
     from click import get_current_context
 
+from conceptkit import __version__, ui
+from conceptkit.cli import limits
+from conceptkit.errors import ConceptkitError, UnsupportedModelError
+from conceptkit.models import hub
 
 FLOW_COMMANDS = "harvest, generate, sliders train and cluster"  # the commands that pass open_model(flow=True)
 
@@ -27,11 +31,6 @@ FLOW_COMMANDS = "harvest, generate, sliders train and cluster"  # the commands t
 def click_context():
     """The running command's click context, or None outside a command."""
     return get_current_context(silent=True)
-
-from conceptkit import __version__, ui
-from conceptkit.cli import limits
-from conceptkit.errors import ConceptkitError, UnsupportedModelError
-from conceptkit.models import hub
 
 
 def _plain_flags(command) -> None:

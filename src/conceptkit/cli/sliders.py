@@ -58,7 +58,7 @@ def train(
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
     samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Harvested trajectories. Default by model: 16 on the toy and test models, 1000 on SD 1.x/2.x, SDXL and few-step models (the reference's).", show_default=False)] = None,
     x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
-    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
+    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl/tiny-flux/tiny-sd3, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
     targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet's (or FLUX's / SD3's transformer's) modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs. auto: cross-attention to_k/to_v on a UNet; both streams' attention keys and values in FLUX / SD3 (docs/sliders.md).")] = "auto",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
