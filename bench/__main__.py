@@ -1,6 +1,7 @@
-"""One entry point for the benchmarks, at toy size or at full SD 1.5 / SDXL size with random weights.
+"""One entry point for the benchmarks, at toy size or at full SD 1.5 / SDXL size with random weights
+(FLUX.1: its full depth at a reduced width, `random-flux`).
 
-    python -m bench all --arch toy|sd15|sdxl [--device auto|cpu|cuda] [--dtype auto|float16|bfloat16]
+    python -m bench all --arch toy|sd15|sdxl|flux [--device auto|cpu|cuda] [--dtype auto|float16|bfloat16]
     python -m bench harvest|sliders|cluster|memory --arch sd15 --size 256
 
 Each benchmark prints its JSON record; with `--record` it also writes it to
@@ -24,13 +25,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = {"toy": "toy", "sd15": "random-sd15", "sdxl": "random-sdxl"}
+SPEC = {"toy": "toy", "sd15": "random-sd15", "sdxl": "random-sdxl", "flux": "random-flux"}
 # (image side, samples, steps, batch, sliders K, pairs per slider) per (arch, device kind);
 # None: the model's native size.
 DEFAULTS = {
     ("toy", "cpu"): (None, 64, 20, 32, 8, 2), ("toy", "cuda"): (None, 256, 20, 128, 32, 4),
     ("sd15", "cpu"): (128, 2, 4, 2, 2, 1), ("sd15", "cuda"): (None, 16, 30, 8, 8, 2),
     ("sdxl", "cpu"): (64, 1, 2, 1, 2, 1), ("sdxl", "cuda"): (None, 8, 30, 4, 8, 1),
+    ("flux", "cpu"): (32, 2, 4, 2, 2, 1), ("flux", "cuda"): (256, 8, 28, 4, 8, 1),
 }
 RECORDS_HEADER = "## Records (`python -m bench`)"
 

@@ -16,12 +16,20 @@ import time
 
 import numpy as np
 
-SIDE = {"toy": 8, "sd15": 64, "sdxl": 64}  # map side of the largest cross-attention layer at native size
+SIDE = {"toy": 8, "sd15": 64, "sdxl": 64, "flux": 64}  # map side of the largest cross-attention layer at native size
+# (FLUX.1 at 1024 px: 64x64 image tokens in every joint block)
 
 
 def neuron_count(arch: str) -> int:
-    """to_k + to_v output channels over every cross-attention layer of the architecture's UNet."""
+    """to_k + to_v output channels over every cross-attention layer of the architecture's UNet
+    (FLUX.1: add_k_proj + add_v_proj of its 19 joint blocks, docs/picasso.md)."""
     import torch
+
+    if arch == "flux":
+        from conceptkit.models.flow import build_real_transformer
+        from conceptkit.picasso.joint import concept_layers
+
+        return sum(p.out_features for p in concept_layers(build_real_transformer("flux-dev"))[1])
     from diffusers import UNet2DConditionModel
 
     from conceptkit.models import full as full_models

@@ -26,8 +26,12 @@ def measure(model, *, prompt: str, samples: int, steps: int, batch_size: int, gu
     """Median seconds of the plain pipeline and of our harvest for the same latents, and their ratio."""
     from conceptkit import harvest
 
+    from conceptkit.diffusion_flow import unpack
+    from conceptkit.models.flow import native_size, pipeline_kwargs
+
     guidance = model.default_guidance if guidance is None else guidance
     size = {"height": height, "width": width} if height else {}
+    size.update(pipeline_kwargs(model.pipe))  # the T5 length a flow pipeline is called with, as the harvest does
 
     def plain() -> torch.Tensor:
         out = []
@@ -37,7 +41,8 @@ def measure(model, *, prompt: str, samples: int, steps: int, batch_size: int, gu
             with torch.inference_mode():
                 out.append(model.pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance,
                                       generator=gens, output_type="latent", **size).images)
-        return torch.cat(out)
+        side = height or native_size(model.pipe)
+        return unpack(model.pipe, torch.cat(out), side, width or side)  # FLUX: packed tokens on the latent grid
 
     def ours(rep: int) -> Path:
         cfg = harvest.HarvestConfig(prompts=(prompt,), samples=samples, steps=steps, guidance=guidance,

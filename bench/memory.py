@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SPEC = {"toy": "toy", "sd15": "random-sd15", "sdxl": "random-sdxl"}
+SPEC = {"toy": "toy", "sd15": "random-sd15", "sdxl": "random-sdxl", "flux": "random-flux"}
 
 
 def child(a) -> dict:
@@ -41,10 +41,14 @@ def child(a) -> dict:
     side = h.final.shape[-2] * model.pipe.vae_scale_factor
     cond = encode_conditioning(model, ["a cat"], g, (side, side))
     enc = load_encoder("pixel", model.spec, device=model.device)
-    for part in (model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)):
+    for part in (model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None),
+                 getattr(model.pipe, "text_encoder_3", None)):
         if part is not None:
             part.requires_grad_(False)
-    bank = install_sliders(model.pipe.unet, SliderLoraConfig(a.sliders))
+    from conceptkit.models.flow import denoiser
+    from conceptkit.sliders.targets import default_targets
+
+    bank = install_sliders(denoiser(model.pipe), SliderLoraConfig(a.sliders, target_modules=default_targets(model.arch)))
     if a.checkpointing:
         _checkpointing(model, bank, True)
     pairs = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, 0)

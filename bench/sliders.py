@@ -103,7 +103,10 @@ def ratio(model, *, count: int, pairs: int, repeat: int, encoder: str = "pixel",
     cond = encode_conditioning(model, [PROMPT], g, (h.final.shape[-2] * model.pipe.vae_scale_factor,) * 2)
     enc = load_encoder(encoder, model.spec, device=model.device)
     model.pipe.vae.requires_grad_(False)
-    bank = install_sliders(model.pipe.unet, SliderLoraConfig(count))
+    from conceptkit.models.flow import denoiser
+    from conceptkit.sliders.targets import default_targets
+
+    bank = install_sliders(denoiser(model.pipe), SliderLoraConfig(count, target_modules=default_targets(model.arch)))
     pair_source = PairSource(h.xt, h.timesteps, h.prompt_index, 0.1, 0)
     settings = TrainSettings(pairs=pairs)
     dirs = torch.nn.functional.normalize(torch.randn(count, enc.dim), dim=-1)

@@ -58,11 +58,16 @@ def comfy_key_map(unet) -> dict[str, Weight]:
     return out
 
 
-def comfy_load(file_shapes: dict[str, tuple[int, ...]], key_map: dict[str, Weight]):
-    """`load_lora` for plain LoRA keys: (patched {prefix: Weight}, keys it would report as not loaded)."""
+def comfy_load(file_shapes: dict[str, tuple[int, ...]], key_map: dict[str, Weight], peft: bool = False):
+    """`load_lora` for plain LoRA keys: (patched {prefix: Weight}, keys it would report as not loaded).
+
+    `peft`: diffusers/peft naming, `<x>.lora_B.weight` / `<x>.lora_A.weight` (what `load_lora` reads as its
+    "diffusers2" form) instead of kohya's `lora_up` / `lora_down`."""
     patched, used = {}, set()
     for prefix, weight in key_map.items():
         up, down, alpha = f"{prefix}.lora_up.weight", f"{prefix}.lora_down.weight", f"{prefix}.alpha"
+        if peft:
+            up, down = f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight"
         if up in file_shapes:
             patched[prefix] = weight
             used |= {up, down} | ({alpha} if alpha in file_shapes else set())
@@ -160,3 +165,105 @@ def fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) ->
     if len(weight) == 2:
         return down == (r, weight[1]) and up == (weight[0], r)
     return len(weight) == 4 and down == (r, *weight[1:]) and up == (weight[0], r, 1, 1)
+
+
+# ---------------------------------------------------------------- ComfyUI / Forge: FLUX.1
+#
+# Written from ComfyUI's published naming, not copied: `comfy/lora.py` `model_lora_keys_unet` gives every
+# weight `diffusion_model.<BFL path>.weight` of a Flux model the key `lora_unet_<BFL path, . -> _>`, and, from
+# `comfy/utils.py` `flux_to_diffusers`, the diffusers names `transformer.<path>` and
+# `lora_transformer_<path, . -> _>`, a q / k / v (or single-block MLP input) patching its rows of the fused
+# BFL weight. The BFL names: per double block `img_attn.qkv` (to_q, to_k, to_v), `txt_attn.qkv`
+# (add_q_proj, add_k_proj, add_v_proj), `img_attn.proj` (attn.to_out.0), `txt_attn.proj` (attn.to_add_out),
+# `img_mlp.0` / `.2` (ff.net.0.proj / ff.net.2), `txt_mlp.*` (ff_context), `img_mod.lin` (norm1.linear),
+# `txt_mod.lin` (norm1_context.linear); per single block `linear1` (attn.to_q, to_k, to_v, proj_mlp, in that
+# order), `linear2` (proj_out), `modulation.lin` (norm.linear).
+
+_FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}
+_FLUX_DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                      "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
+class Slice(NamedTuple):
+    """Where a diffusers layer sits in a BFL weight: the weight and its rows [start, start + rows)."""
+
+    weight: Weight
+    start: int
+    rows: int
+
+
+def flux_bfl_weights(transformer) -> dict[str, Slice]:
+    """diffusers module path -> its place in the BFL state dict, for every block layer of a FluxTransformer2DModel."""
+    mods = dict(transformer.named_modules())
+    out: dict[str, Slice] = {}
+
+    def add(prefix_from: str, prefix_to: str, plain: dict, fused: dict) -> None:
+        for d, b in plain.items():
+            w = mods[f"{prefix_from}.{d}"].weight
+            out[f"{prefix_from}.{d}"] = Slice(Weight(f"{prefix_to}.{b}", tuple(w.shape)), 0, w.shape[0])
+        for b, parts in fused.items():
+            ws = [mods[f"{prefix_from}.{d}"].weight for d in parts]
+            shape = (sum(w.shape[0] for w in ws), ws[0].shape[1])
+            start = 0
+            for d, w in zip(parts, ws):
+                out[f"{prefix_from}.{d}"] = Slice(Weight(f"{prefix_to}.{b}", shape), start, w.shape[0])
+                start += w.shape[0]
+
+    for i in range(len(transformer.transformer_blocks)):
+        add(f"transformer_blocks.{i}", f"double_blocks.{i}", _FLUX_DOUBLE, _FLUX_DOUBLE_FUSED)
+    for i in range(len(transformer.single_transformer_blocks)):
+        add(f"single_transformer_blocks.{i}", f"single_blocks.{i}", _FLUX_SINGLE, _FLUX_SINGLE_FUSED)
+    return out
+
+
+def comfy_flux_key_map(transformer) -> dict[str, Weight]:
+    """`model_lora_keys_unet` for Flux: `lora_unet_<BFL>` per BFL weight, `transformer.<diffusers>` and
+    `lora_transformer_<diffusers>` per diffusers layer (patching its rows of the BFL weight)."""
+    out: dict[str, Weight] = {}
+    for module, place in flux_bfl_weights(transformer).items():
+        out["lora_unet_" + place.weight.name.replace(".", "_")] = place.weight
+        out["transformer." + module] = place.weight
+        out["lora_transformer_" + module.replace(".", "_")] = place.weight
+    return out
+
+
+_FLUX_NORMS = {"double": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                          "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"},
+               "single": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
+_FLUX_BASIC = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+               "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "norm_out.linear": "final_layer.adaLN_modulation.1"}  # (scale, shift) in diffusers, (shift, scale) in BFL
+
+
+def flux_bfl_state_dict(transformer) -> dict:
+    """A FluxTransformer2DModel's weights in Black Forest Labs' layout (the naming above; fused q/k/v by rows)."""
+    import torch
+
+    sd = transformer.state_dict()
+    out: dict = {}
+    for module, place in flux_bfl_weights(transformer).items():
+        for end in ("weight", "bias"):
+            t = sd.get(f"{module}.{end}")
+            if t is not None:
+                full = out.setdefault(f"{place.weight.name}.{end}", torch.zeros((place.weight.shape[0],) + tuple(t.shape[1:])))
+                full[place.start:place.start + place.rows] = t
+    for kind, blocks, prefix in (("double", transformer.transformer_blocks, "transformer_blocks"),
+                                 ("single", transformer.single_transformer_blocks, "single_transformer_blocks")):
+        for i in range(len(blocks)):
+            for d, b in _FLUX_NORMS[kind].items():
+                out[f"{kind}_blocks.{i}.{b}.scale"] = sd[f"{prefix}.{i}.{d}.weight"]
+    for d, b in _FLUX_BASIC.items():
+        for end in ("weight", "bias"):
+            t = sd.get(f"{d}.{end}")
+            if t is not None:
+                out[f"{b}.{end}"] = torch.cat(t.chunk(2)[::-1]) if d == "norm_out.linear" else t
+    return out

@@ -24,7 +24,7 @@ LAYERS = {
     # 1: loading models
     "models": 1,
     # 2: the model-side steps and what every method reads
-    "diffusion": 2, "features": 2, "step_recorder": 2, "harvest": 2, "toy.edits": 2,
+    "diffusion": 2, "diffusion_flow": 2, "features": 2, "step_recorder": 2, "harvest": 2, "toy.edits": 2,
     # 3: the methods
     "sliders": 3, "picasso": 3, "implant": 3,
     # 4: using them

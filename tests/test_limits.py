@@ -183,14 +183,15 @@ def test_sliders_dry_run_prints_the_plan_with_the_model_s_defaults_and_writes_no
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["dry_run"] is True and doc["defaults"]["profile"] == "test-model"
-    assert doc["defaults"]["from_profile"] == ["samples", "train_steps", "pairs", "lr"]
+    assert doc["defaults"]["from_profile"] == ["samples", "train_steps", "pairs", "lr", "calibration_seeds", "directions", "x0"]
     plan = doc["plan"]
     assert plan["trajectories"] == 16 and plan["train_steps"] == 100 and plan["sliders"] == 2
     assert plan["harvest_bytes"] == 16 * plan["steps"] * 2 * 4 * 16 * 16 * 2  # tiny-sd latents are 4 x 16 x 16
     assert plan["unet_call_s"] > 0 and plan["harvest_s"] > 0 and plan["train_s"] > 0
     assert not Path(os.environ["CONCEPTKIT_HOME"]).exists() or not list(Path(os.environ["CONCEPTKIT_HOME"]).rglob("manifest.json"))
     given = json.loads(invoke("sliders", "a cat", "-m", "tiny-sd", "--samples", "8", "--lr", "0.01", "--dry-run", "--json").stdout)
-    assert given["defaults"]["from_profile"] == ["train_steps", "pairs"] and given["plan"]["trajectories"] == 8
+    assert given["defaults"]["from_profile"] == ["train_steps", "pairs", "calibration_seeds", "directions", "x0"]
+    assert given["plan"]["trajectories"] == 8
 
 
 def test_each_kind_of_model_gets_its_own_slider_defaults():
@@ -203,5 +204,8 @@ def test_each_kind_of_model_gets_its_own_slider_defaults():
     assert sd.profile_name("stabilityai/sdxl-turbo", "sdxl", 1) == "few-step"
     ref = sd.PROFILES["sdxl"]
     assert (ref.samples, ref.train_steps, ref.pairs, ref.lr) == (1000, 3000, 1, 2e-3)  # the reference implementation's
+    assert (ref.directions, ref.x0) == ("pca", "all")  # the paper's
+    toy = sd.PROFILES["toy"]
+    assert (toy.samples, toy.directions, toy.x0, toy.calibration_seeds) == (256, "ica", "final", 8)  # measured on the toy
     values, from_profile = sd.resolve(ref, samples=None, train_steps=50, pairs=None, lr=None)
     assert values == {"samples": 1000, "train_steps": 50, "pairs": 1, "lr": 2e-3} and from_profile == ["samples", "pairs", "lr"]

@@ -153,7 +153,7 @@ def test_fingerprint_ignores_device_dtype_but_identity_does_not(reference):
 
 def test_builtin_models_lists_every_builtin():
     models = {m.name: m for m in builtin_models()}
-    assert set(models) == {"toy", "toy-turbo", "tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl"}
+    assert set(models) == {"toy", "toy-turbo", "tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3", "random-flux"}
     assert models["tiny-sdxl"].arch == "sdxl" and models["toy"].arch == "sd1"
     assert models["random-sdxl"].arch == "sdxl" and models["random-sd15"].arch == "sd1"
     assert all(m.description for m in models.values())
@@ -282,17 +282,18 @@ def _folder_with_index(tmp_path: Path, index: dict, name: str = "m") -> Path:
 @pytest.mark.parametrize(
     ("make_spec", "error", "words"),
     [
-        (lambda tmp: "tiny-sd3", ModelNotFoundError, "not a built-in"),
+        (lambda tmp: "tiny-sd4", ModelNotFoundError, "not a built-in"),
         (lambda tmp: str(tmp / "does-not-exist"), ModelNotFoundError, "no such file"),
         (lambda tmp: str(tmp / "nope.safetensors"), ModelNotFoundError, "no such file"),
         (lambda tmp: str((tmp / "notes").mkdir() or tmp / "notes"), UnsupportedModelError, "model_index.json"),
-        (lambda tmp: str(_folder_with_index(tmp, {"_class_name": "FluxPipeline"})), UnsupportedModelError, "FluxPipeline"),
-        (lambda tmp: str(_folder_with_index(tmp, {"_class_name": "StableDiffusion3Pipeline"})), UnsupportedModelError,
-         "StableDiffusion3Pipeline"),
+        (lambda tmp: str(_folder_with_index(tmp, {"_class_name": "StableCascadeCombinedPipeline"})), UnsupportedModelError,
+         "StableCascadeCombinedPipeline"),
+        (lambda tmp: str(_folder_with_index(tmp, {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})),
+         ModelNotFoundError, "no weights in transformer/"),
         (lambda tmp: str(_folder_with_index(tmp, {"_class_name": "StableDiffusionXLImg2ImgPipeline",
                                                   "text_encoder": [None, None]})), UnsupportedModelError, "refiner"),
     ],
-    ids=["unknown-name", "no-folder", "no-file", "not-a-pipeline", "flux", "sd3", "sdxl-refiner"],
+    ids=["unknown-name", "no-folder", "no-file", "not-a-pipeline", "other-pipeline", "flux-without-weights", "sdxl-refiner"],
 )
 def test_bad_models_fail_with_one_line(tmp_path, make_spec, error, words):
     with pytest.raises(error) as err:

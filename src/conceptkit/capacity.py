@@ -23,7 +23,7 @@ def human_size(n: float) -> str:
 def harvest_bytes(model, cfg, trajectories: int) -> int:
     """Bytes `trajectories` of a resolved harvest config take on disk: kept steps x records x latent."""
     scale = model.pipe.vae_scale_factor
-    latent = int(model.pipe.unet.config.in_channels) * (cfg.height // scale) * (cfg.width // scale)
+    latent = int(model.pipe.vae.config.latent_channels) * (cfg.height // scale) * (cfg.width // scale)
     kept = len([s for s in range(cfg.steps) if s % cfg.keep_every == 0 or s == cfg.steps - 1])
     return trajectories * kept * len(cfg.record) * latent * DTYPE_BYTES.get(cfg.store_dtype, 4)
 

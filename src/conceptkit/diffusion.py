@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from conceptkit.errors import UsageError
+from conceptkit.models.flow import pipeline_kwargs
 
 # ---------------------------------------------------------------- seeds
 
@@ -93,7 +94,8 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
     """Differentiable VAE decode: (N, C, h, w) scaled latents -> (N, 3, H, W) images in [0, 1] (fp32)."""
     vae = model.pipe.vae
-    img = vae.decode(latents.to(model.device, vae.dtype) / vae.config.scaling_factor).sample.float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX / SD3 VAEs: latents are (z - shift) * scale
+    img = vae.decode(latents.to(model.device, vae.dtype) / vae.config.scaling_factor + shift).sample.float()
     return ((img + 1) / 2).clamp(0, 1)
 
 
@@ -109,7 +111,8 @@ def encode(model, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """(N, 3, H, W) images in [-1, 1] -> scaled latents (posterior mean), fp32 on the CPU."""
     vae = model.pipe.vae
     out = [vae.encode(c.to(model.device, vae.dtype)).latent_dist.mean for c in images.split(batch_size)]
-    return torch.cat(out).float().cpu() * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (torch.cat(out).float().cpu() - shift) * vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------- conditioning
@@ -334,5 +337,5 @@ def sample(model, prompt: str, seeds: Sequence[int], steps: int, guidance: float
 
     with learned_words(model, [prompt] * len(seeds)):
         out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   output_type="pt", callback_on_step_end=on_step_end if mods else None).images
+                   output_type="pt", callback_on_step_end=on_step_end if mods else None, **pipeline_kwargs(pipe)).images
     return out.float().clamp(0, 1).cpu()

@@ -208,7 +208,7 @@ def resolve_spec(spec: str, model_spec: str | None) -> str:
         return spec
     if model_spec in ("toy", "toy-turbo"):
         return "toy"
-    if model_spec in ("tiny-sd", "tiny-sdxl"):
+    if model_spec in ("tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3"):
         return "pixel"
     return f"clip:{AUTO_CLIP}"
 

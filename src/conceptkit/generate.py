@@ -25,6 +25,7 @@ from conceptkit.diffusion import sample, same_weights
 from conceptkit.errors import UsageError
 from conceptkit.figures import grid_image, with_column_labels
 from conceptkit.infotext import write_png
+from conceptkit.models.flow import check_guidance, denoiser
 from conceptkit.picasso import subconcepts
 from conceptkit.sliders.apply import SliderModification
 from conceptkit.sliders.lora_import import open_loras, parse_lora
@@ -134,6 +135,7 @@ def _check_model(sset: SliderSet, model, force: bool, warn: Warn) -> None:
 
 def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None) -> GenerateResult:
     """Draw `cfg.count` seeds (or a sweep grid) with the requested sliders; write PNGs to `cfg.out`."""
+    check_guidance(model, cfg.guidance)
     steps = cfg.steps or model.default_steps
     guidance = model.default_guidance if cfg.guidance is None else cfg.guidance
     identity = model.identity()
@@ -163,10 +165,11 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     specs = [subconcepts.parse_spec(text) for text in cfg.subconcepts]
     resolved = [(spec, subconcepts.resolve(spec, model)) for spec in specs]
     # 1c. every --lora file checked against this UNet, then loaded first: slider hooks go on top of its layers
-    lmod = open_loras(model, cfg.loras, cfg_batches=guidance > 1.0)
+    cfg_batches = guidance > 1.0 and model.arch != "flux"  # FLUX's guidance is embedded: one batch
+    lmod = open_loras(model, cfg.loras, cfg_batches=cfg_batches)
     try:
-        mod = SliderModification(model.pipe.unet, chosen, cfg_batches=guidance > 1.0) if chosen else None
-        subs = [subconcepts.SubconceptModification(model.pipe.unet, sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
+        mod = SliderModification(denoiser(model.pipe), chosen, cfg_batches=cfg_batches) if chosen else None
+        subs = [subconcepts.SubconceptModification(denoiser(model.pipe), sub, spec.cluster, spec.mode, spec.scale) for spec, sub in resolved]
     except BaseException:
         if lmod:
             lmod.remove()

@@ -22,8 +22,10 @@ from safetensors import safe_open
 
 from conceptkit import __version__, capacity, store
 from conceptkit.diffusion import generators, learned_words
+from conceptkit.diffusion_flow import unpack
 from conceptkit.errors import StoreError, UsageError
 from conceptkit.harvest_shards import overlaps, problems, shard_name, shard_ranges
+from conceptkit.models.flow import check_guidance, check_size, native_size, pipeline_kwargs
 from conceptkit.models.load import LoadedModel
 from conceptkit.parallel import barrier, processes
 from conceptkit.settings import IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
@@ -78,7 +80,7 @@ class HarvestConfig:
 
     def resolved(self, model: LoadedModel) -> HarvestConfig:
         """Fill the model-dependent defaults."""
-        size = model.pipe.unet.config.sample_size * model.pipe.vae_scale_factor
+        size = native_size(model.pipe)
         return HarvestConfig(
             **{
                 **asdict(self),
@@ -138,7 +140,9 @@ def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]
             width=cfg.width,
             generator=gens,
             output_type="latent",
+            **pipeline_kwargs(pipe),
         ).images
+    final = unpack(pipe, final, cfg.height, cfg.width)  # FLUX's packed latents on the (C, h, w) grid
     n_steps = len(rec.timesteps)
     kept = [s for s in range(n_steps) if s % cfg.keep_every == 0 or s == n_steps - 1]
     dtype = getattr(torch, cfg.store_dtype)
@@ -148,10 +152,12 @@ def _sample_batch(model: LoadedModel, cfg: HarvestConfig, indices: Sequence[int]
         "prompt_index": torch.tensor([i % len(cfg.prompts) for i in indices], dtype=torch.int64),
         "timesteps": torch.tensor([rec.timesteps[s] for s in kept], dtype=torch.int64),
     }
+    if rec.sigmas:  # flow matching: the exact noise level of each kept step (timesteps are sigma * 1000, rounded down)
+        out["sigmas"] = torch.tensor([rec.sigmas[s] for s in kept], dtype=torch.float32)
     if "x0" in cfg.record:
-        out["x0"] = torch.stack([rec.x0[s] for s in kept], dim=1).to(dtype)
+        out["x0"] = torch.stack([unpack(pipe, rec.x0[s], cfg.height, cfg.width) for s in kept], dim=1).to(dtype)
     if "xt" in cfg.record:
-        out["xt"] = torch.stack([rec.xt[s] for s in kept], dim=1).to(dtype)
+        out["xt"] = torch.stack([unpack(pipe, rec.xt[s], cfg.height, cfg.width) for s in kept], dim=1).to(dtype)
     return out
 
 
@@ -191,6 +197,8 @@ def run(model: LoadedModel, cfg: HarvestConfig, progress: Progress | None = None
     computes its own share and writes its own shards; the main process writes the manifest.
     A damaged manifest or shard is reported through `on_wait` and computed again.
     """
+    check_guidance(model, cfg.guidance)
+    check_size(model, cfg.height, cfg.width)
     cfg = cfg.resolved(model)
     key = harvest_key(model, cfg)
     art = store.artifact("harvest", key)
@@ -312,7 +320,7 @@ def load_harvest(path: Path, samples: int | None = None, names: Sequence[str] = 
     if bad:
         raise art.damaged(next(iter(bad.values())))
     parts: dict[str, list[torch.Tensor]] = {}
-    timesteps = None
+    timesteps, extra = None, {}
     count = 0
     for a, b in wanted:
         if a != count:
@@ -322,6 +330,8 @@ def load_harvest(path: Path, samples: int | None = None, names: Sequence[str] = 
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     if name == "timesteps":
                         timesteps = f.get_tensor(name)
+                    elif name == "sigmas":
+                        extra = {"sigmas": f.get_tensor(name)}
                     elif name in ("final", "seeds", "prompt_index") or name in names:
                         parts.setdefault(name, []).append(f.get_tensor(name))
         except Exception as exc:  # noqa: BLE001 - a damaged shard must say where it is
@@ -338,4 +348,5 @@ def load_harvest(path: Path, samples: int | None = None, names: Sequence[str] = 
         final=cat["final"],
         x0=cat.get("x0"),
         xt=cat.get("xt"),
+        extra=extra,
     )

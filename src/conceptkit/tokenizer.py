@@ -69,3 +69,29 @@ def build_clip_tokenizer(words: Sequence[str], max_length: int = 77) -> CLIPToke
     if broken:
         raise ValueError(f"words not tokenised as one token: {broken[:5]}")
     return tokenizer
+
+
+def build_t5_tokenizer(words: Sequence[str], max_length: int = 512):
+    """Build a T5 (SentencePiece-style unigram) tokenizer in which each of `words` is one piece.
+
+    Pieces: `<pad>`, `</s>`, `<unk>`, each word with its `▁` word-start mark, then every printable
+    ASCII character alone and word-initial; any text tokenises (by characters where it is no word).
+    Deterministic: the vocabulary is a sorted list, nothing is trained.
+
+    Args:
+        words: lower-case words.
+        max_length: the tokenizer's `model_max_length` (what the pipeline pads the T5 prompt to).
+    """
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    for w in sorted({w.lower() for w in words}):
+        pieces.setdefault("\u2581" + w, -1.0)
+    for c in (chr(i) for i in range(33, 127)):
+        pieces.setdefault("\u2581" + c, -4.0)
+        pieces.setdefault(c, -5.0)
+    tokenizer = T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=max_length)
+    broken = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    if broken:
+        raise ValueError(f"words not tokenised as one piece: {broken[:5]}")
+    return tokenizer

@@ -45,10 +45,10 @@ def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device,
         manifest = art.manifest()
         if not manifest.get("samples"):
             raise UsageError(f"harvest {art.key} holds no samples; run `conceptkit harvest` again to complete it")
-        loaded = open_model(model or manifest["model"]["spec"], device, dtype, config)
+        loaded = open_model(model or manifest["model"]["spec"], device, dtype, config, flow=True)
         return _with_embedding(loaded, embedding, token, manifest["prompts"]), art.path
     cfg = stage.HarvestConfig(prompts=(prompt,), samples=samples, steps=steps, guidance=guidance, seed=seed)
-    loaded = _with_embedding(open_model(model, device, dtype, config), embedding, token, [prompt])
+    loaded = _with_embedding(open_model(model, device, dtype, config, flow=True), embedding, token, [prompt])
     with ui.progress("harvest", unit="samples", enabled=bar_on) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     return loaded, result.path

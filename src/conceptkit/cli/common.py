@@ -15,13 +15,22 @@ from typer.core import TyperGroup
 
 try:  # typer 0.29 and newer carry their own copy of click
     from typer._click import exceptions as click_errors
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
+    from click import get_current_context
 
 from conceptkit import __version__, ui
 from conceptkit.cli import limits
-from conceptkit.errors import ConceptkitError
+from conceptkit.errors import ConceptkitError, UnsupportedModelError
 from conceptkit.models import hub
+
+FLOW_COMMANDS = "harvest, generate, sliders train and cluster"  # the commands that pass open_model(flow=True)
+
+
+def click_context():
+    """The running command's click context, or None outside a command."""
+    return get_current_context(silent=True)
 
 
 def _plain_flags(command) -> None:
@@ -79,7 +88,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Built-in name (toy, tiny-sd, tiny-sdxl), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
+        help="Built-in name (toy, tiny-sd, tiny-sdxl, tiny-flux, tiny-sd3), Hugging Face id (downloaded on first use), diffusers folder or .safetensors file. Default: $CONCEPTKIT_MODEL or toy.",
         show_default=False,
     ),
 ]
@@ -160,11 +169,13 @@ def command(fn):
     return wrapper
 
 
-def open_model(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = ()):
+def open_model(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = (),
+               flow: bool = False):
     """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
 
     Args:
         encoders: `--encoder` specs the run will load after the model (`auto` resolves against the model).
+        flow: the command handles FLUX / SD3 (flow-matching transformers); the others refuse them in one line.
     """
     import torch
 
@@ -179,7 +190,13 @@ def open_model(model: str | None, device: str, dtype: str, config: Path | None, 
     # one unwrapped line per repository to download, then huggingface_hub's progress bars
     hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):
-        return load_model(spec, device=device, dtype=dtype, config=config)
+        loaded = load_model(spec, device=device, dtype=dtype, config=config)
+    if loaded.arch in ("flux", "sd3") and not flow:
+        ctx = click_context()
+        name = f"`{ctx.command_path}`" if ctx is not None else "this command"
+        raise UnsupportedModelError(f"{spec} is a {loaded.arch} model; {name} handles SD 1.x, SD 2.x and SDXL "
+                                    f"(FLUX and SD3 work with {FLOW_COMMANDS} for now)")
+    return loaded
 
 
 def _print_version(value: bool) -> None:

@@ -38,7 +38,7 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("conceptkit-images"),
     subconcept: Annotated[Optional[list[str]], typer.Option("--subconcept", help="KEY:C[:MODE[:SCALE]], repeatable: sub-concept C of cluster KEY (from `conceptkit cluster`). MODE: only (close every other sub-concept's neurons; the default), close (close C's neurons) or scale (multiply them by SCALE), each in the timestep groups where they are concept neurons.", show_default=False)] = None,
     subconcept_grid: Annotated[Optional[str], typer.Option("--subconcept-grid", help="KEY[:MODE]: one grid PNG, the unmodified images in the first row, then one row per sub-concept of cluster KEY; a column per seed (--count).", show_default=False)] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="FILE[:SCALE], repeatable: a kohya or diffusers/peft SD/SDXL LoRA (.safetensors; Concept Sliders', ai-toolkit's, kohya's) applied from the first step at SCALE (default 1), next to --slider.", show_default=False)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="FILE[:SCALE], repeatable: a kohya or diffusers/peft SD/SDXL/FLUX/SD3 LoRA (.safetensors; Concept Sliders', ai-toolkit's, kohya's) applied from the first step at SCALE (default 1), next to --slider.", show_default=False)] = None,
     embedding: Annotated[Optional[Path], typer.Option(help="A learned textual-inversion embedding (.safetensors) for --token.", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option(help="The new word the prompt uses for --embedding, e.g. '<my-dog>'.", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Apply sliders trained for another base model (same architecture), with a warning.")] = False,
@@ -59,7 +59,7 @@ def generate(
     textual_inversion.check_token(token, embedding)
     if embedding is not None:
         textual_inversion.check_in_prompts(token, [prompt])
-    loaded = open_model(model, device, dtype, config)
+    loaded = open_model(model, device, dtype, config, flow=True)
     if embedding is not None:
         loaded = textual_inversion.add_embedding(loaded, embedding, token)
     with ui.progress("generate", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:

@@ -85,7 +85,7 @@ def harvest(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = open_model(model, device, dtype, config)
+    loaded = open_model(model, device, dtype, config, flow=True)
     with ui.progress("harvest", unit="samples", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     if proc != 0:  # one report per launch, from the main process

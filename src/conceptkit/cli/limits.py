@@ -30,6 +30,7 @@ LIMITS: dict[str, tuple[float | None, float | None]] = {
     "rank": (1, 128),
     "train_steps": (1, 1_000_000),
     "pairs": (1, 1024),
+    "calibration_seeds": (0, 256),  # sliders: seeds of the strength calibration (0: none)
     "lr": (1e-8, 1.0),
     "start": (0.0, 0.99),
     "tau": (0.0, 1e12),  # quantile/relative/absolute are checked further by the clustering settings

@@ -57,16 +57,16 @@ def train(
     model: ModelOpt = None,
     count: Annotated[int, typer.Option("--count", "-k", help="Sliders (principal directions), 1-64.")] = 16,
     samples: Annotated[Optional[int], typer.Option("--samples", "-n", help="Harvested trajectories. Default by model: 16 on the toy and test models, 1000 on SD 1.x/2.x, SDXL and few-step models (the reference's).", show_default=False)] = None,
-    x0: Annotated[str, typer.Option("--x0", help="all: x0 of every step enters the PCA (the paper); final: the last step only.")] = "all",
-    directions: Annotated[str, typer.Option("--directions", help="pca: the principal components (the paper); ica: the same principal subspace rotated to independent directions (purer when a concept's factors vary about equally; docs/sliders.md).")] = "pca",
-    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
+    x0: Annotated[Optional[str], typer.Option("--x0", help="all: x0 of every step enters the directions (the paper); final: the last step only. Default by model: final on the toy, all otherwise.", show_default=False)] = None,
+    directions: Annotated[Optional[str], typer.Option("--directions", help="pca: the principal components (the paper); ica: the same principal subspace rotated to independent directions (purer when a concept's factors vary about equally; docs/sliders.md). Default by model: ica on the toy, pca otherwise.", show_default=False)] = None,
+    encoder: Annotated[str, typer.Option(help="auto, pixel[:side], toy, clip:<id or folder>, dinov2:<id or folder>. auto: the toy CLIP for toy, pixel for tiny-sd/tiny-sdxl/tiny-flux/tiny-sd3, CLIP ViT-L/14 (about 1.7 GB, downloaded on first use) otherwise.")] = "auto",
     rank: Annotated[int, typer.Option(help="LoRA rank of each slider.")] = 1,
-    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs.")] = r".*attn2\.(to_k|to_v)",
+    targets: Annotated[str, typer.Option(help="Regex (full match) of the UNet's (or FLUX's / SD3's transformer's) modules that get sliders: nn.Linear or nn.Conv2d layers; add '|.*conv1' for the resnets' first convs. auto: cross-attention to_k/to_v on a UNet; both streams' attention keys and values in FLUX / SD3 (docs/sliders.md).")] = "auto",
     train_steps: Annotated[Optional[int], typer.Option("--train-steps", help="Optimiser steps (all sliders train in each). Default by model: 100 on the toy and test models, 3000 otherwise.", show_default=False)] = None,
     pairs: Annotated[Optional[int], typer.Option(help="Harvested (trajectory, step) pairs per optimiser step, shared by all sliders. Default by model: 2 on the toy and test models, 1 otherwise.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate. Default by model: 5e-3 on the toy and test models, 2e-3 otherwise.", show_default=False)] = None,
     start: Annotated[float, typer.Option(help="Sliders act from this fraction of the denoising steps on.")] = 0.1,
-    calibration_seeds: Annotated[Optional[int], typer.Option("--calibration-seeds", help="Seeds on which the set's strength is calibrated after training, so that strength 1 moves images along each slider's direction by 0.2 standard deviations of the harvested images, on average; 0: the sliders as trained. Default by model: 8 on the toy, 2 on test models, 4 otherwise.", show_default=False)] = None,
+    calibration_seeds: Annotated[Optional[int], typer.Option("--calibration-seeds", help="Seeds on which the set's strength is calibrated after training, so that strength 1 moves images along each slider's direction by 0.27 standard deviations of the harvested images, on average; 0: the sliders as trained. Default by model: 8 on the toy, 2 on test models, 4 otherwise.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps of the harvest. Default: the model's.", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale. Default: the model's.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of harvest and training.")] = 0,
@@ -85,13 +85,17 @@ def train(
     from conceptkit.sliders.train import TrainSettings  # deferred: --help loads no torch
     from conceptkit.sliders.pipeline import SlidersConfig, run  # deferred: --help loads no torch
 
-    def settings(d: dict) -> SlidersConfig:
-        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=x0, directions=directions, encoder=encoder, rank=rank, targets=targets,
+    from conceptkit.sliders.targets import resolve_targets  # deferred: --help loads no torch
+
+    def settings(d: dict, arch: str = "sd1") -> SlidersConfig:
+        return SlidersConfig(prompt=prompt, count=count, samples=d["samples"], x0=d["x0"], directions=d["directions"], encoder=encoder,
+                             rank=rank, targets=resolve_targets(targets, arch),
                              steps=steps, guidance=guidance, seed=seed, name=name, overwrite=overwrite,
                              gradient_checkpointing=gradient_checkpointing, calibration_seeds=d["calibration_seeds"],
                              train=TrainSettings(steps=d["train_steps"], pairs=d["pairs"], lr=d["lr"], start=start, seed=seed))
 
-    given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr, calibration_seeds=calibration_seeds)
+    given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr, calibration_seeds=calibration_seeds,
+                 directions=directions, x0=x0)
     settings(slider_defaults.resolve(slider_defaults.QUICK, **given)[0])  # bad input fails before the model loads
     from conceptkit.parallel import processes  # deferred: --help loads no torch
 
@@ -100,18 +104,22 @@ def train(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = open_model(model, device, dtype, config, encoders=[encoder])  # names every download before any starts
+    loaded = open_model(model, device, dtype, config, encoders=[encoder], flow=True)  # names every download before any starts
+    from conceptkit.models.flow import denoiser  # deferred: --help loads no torch
     from conceptkit.sliders.layers import select_targets  # deferred: --help loads no torch
 
     try:  # before the harvest: a regex that picks nothing, or a layer a slider cannot sit on, is bad usage
-        select_targets(loaded.pipe.unet, targets)
+        select_targets(denoiser(loaded.pipe), resolve_targets(targets, loaded.arch))
     except ValueError as exc:
         raise UsageError(f"--targets {targets!r}: {exc}") from None
+    if export is not None and loaded.arch == "sd3":
+        raise UsageError("--export: SD3 has no kohya naming (SD 1.x, 2.x, SDXL and FLUX do); its slider files "
+                         "load with StableDiffusion3Pipeline.load_lora_weights as they are")
     profile = slider_defaults.for_model(loaded)
     values, from_profile = slider_defaults.resolve(profile, **given)
-    cfg = settings(values)
+    cfg = settings(values, loaded.arch)
     defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
-    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" for n in from_profile)
+    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" if not isinstance(values[n], str) else f"{n.replace('_', ' ')} {values[n]}" for n in from_profile)
             + f" ({profile.why})") if from_profile else None
     if dry_run:
         _dry_run(loaded, cfg, defaults_doc, json_out, used)

@@ -25,7 +25,7 @@ from conceptkit.models.hub_files import (
 
 LOOKUP_TIMEOUT_S = 5.0  # seconds a hub listing may take before the hub counts as unreachable
 DEFAULT_ENDPOINT = "https://huggingface.co"
-KINDS = ("pipeline", "config", "encoder")
+KINDS = ("pipeline", "config", "components", "encoder")  # components: a pipeline without its transformer's weights
 _state = {"offline": False}
 
 
@@ -82,7 +82,8 @@ class Need:
     """One hub repository a run needs, and how messages name it."""
 
     repo_id: str
-    kind: str  # "pipeline" (a diffusers model) | "config" (configs and tokenizers only) | "encoder" (transformers)
+    kind: str  # "pipeline" (a diffusers model) | "config" (configs and tokenizers only) | "components" (all but the
+    # transformer's weights: what a FLUX / SD3 single file borrows) | "encoder" (transformers)
     role: str = "model"  # e.g. "model", "encoder clip:openai/clip-vit-large-patch14", "configs of x.safetensors"
     prefer_fp16: bool = False  # a pipeline run in half precision downloads fp16 weights where the repository has them
     alternative: str = "or pass a local folder or file"  # what else the user can do, ending every error
@@ -92,7 +93,7 @@ class Need:
             raise ValueError(f"Need.kind must be one of {KINDS}, got {self.kind!r}")
 
     def hint(self) -> str:
-        return missing_repo_hint(self.repo_id, configs_only=self.kind == "config")
+        return missing_repo_hint(self.repo_id, configs_only=self.kind == "config", skip_transformer=self.kind == "components")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def local_state(need: Need) -> tuple[Path | None, str]:
     except ValueError:
         return snapshot, ""  # the loader's own check names the broken file
     for comp in WEIGHTED:
+        if need.kind == "components" and comp == "transformer":
+            continue
         if comp in index and isinstance(index[comp], list) and index[comp] and index[comp][0] is not None:
             sub = snapshot / comp
             if not any(p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES for p in sub.glob("*")):
@@ -222,7 +225,8 @@ def plan(need: Need) -> Fetch:
             )
             index = json.loads(Path(index_path).read_text())
             chosen = select_pipeline_files(
-                need.repo_id, index, files, prefer_fp16=need.prefer_fp16, configs_only=need.kind == "config"
+                need.repo_id, index, files, prefer_fp16=need.prefer_fp16, configs_only=need.kind == "config",
+                skip_weights=("transformer",) if need.kind == "components" else ()
             )
     except ConceptkitError:
         raise

@@ -15,8 +15,10 @@ PIPELINE_ARCH = {  # model_index.json `_class_name` -> loader family
     "StableDiffusionPipeline": "sd",
     "LatentConsistencyModelPipeline": "sd",  # LCM-distilled SD 1.5: same components
     "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",  # FLUX.1 dev / schnell (models/flow.py)
+    "StableDiffusion3Pipeline": "sd3",  # SD3 / SD3.5
 }
-WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")  # components whose weights are loaded
+WEIGHTED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")  # components whose weights are loaded
 NOT_LOADED = ("safety_checker", "feature_extractor", "image_encoder")  # the loader passes None for these
 CONFIG_SUFFIXES = (".json", ".txt")  # configs, scheduler settings, tokenizer vocabularies and merges
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -80,7 +82,8 @@ def _refuse_unweighted(repo_id: str, where: str, names: list[str]) -> None:
 
 
 def select_pipeline_files(
-    repo_id: str, index: dict, files: dict[str, int | None], *, prefer_fp16: bool, configs_only: bool = False
+    repo_id: str, index: dict, files: dict[str, int | None], *, prefer_fp16: bool, configs_only: bool = False,
+    skip_weights: tuple[str, ...] = (),
 ) -> list[str]:
     """The files of a diffusers pipeline repository that loading it needs, or an error naming why it cannot load.
 
@@ -95,11 +98,12 @@ def select_pipeline_files(
         files: repository path -> size in bytes (None when the listing has no size).
         prefer_fp16: the run computes in half precision (fp16 weights load identically, at half the download).
         configs_only: only configs and tokenizers (what a single-file checkpoint borrows).
+        skip_weights: components whose weights are not needed (a FLUX / SD3 single file's transformer).
     """
     class_name = index.get("_class_name", "?")
     if class_name not in PIPELINE_ARCH:
         what = "an SDXL refiner / image-to-image pipeline" if "Img2Img" in class_name else class_name
-        raise UnsupportedModelError(f"{repo_id} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x and SDXL text-to-image")
+        raise UnsupportedModelError(f"{repo_id} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3 text-to-image")
     components = sorted(
         k for k, v in index.items()
         if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None and k not in NOT_LOADED
@@ -112,7 +116,7 @@ def select_pipeline_files(
         if not configs:
             raise UnsupportedModelError(f"{repo_id}: model_index.json names {comp}, but {comp}/ has no config on the Hugging Face Hub")
         chosen += [f"{comp}/{n}" for n in configs]
-        if comp in WEIGHTED and not configs_only:
+        if comp in WEIGHTED and not configs_only and comp not in skip_weights:
             sets = _weight_sets(names)
             if None not in sets and "fp16" not in sets:
                 _refuse_unweighted(repo_id, f"{comp}/", names)
@@ -144,8 +148,10 @@ def select_encoder_files(repo_id: str, files: dict[str, int | None]) -> list[str
     return _configs(names) + sets[None]
 
 
-def missing_repo_hint(repo_id: str, configs_only: bool = False) -> str:
+def missing_repo_hint(repo_id: str, configs_only: bool = False, skip_transformer: bool = False) -> str:
     """The command that downloads `repo_id` (what an error tells a user to run where there is network)."""
+    if skip_transformer:
+        return f"hf download {repo_id} --exclude 'transformer/*'"
     if configs_only:
         return f"hf download {repo_id} --include '*.json' '*.txt'"
     return f"hf download {repo_id}"

@@ -6,7 +6,8 @@ diffusers itself only ever reads local folders. Weights are loaded in fp32
 on the CPU, fingerprinted, then moved to the requested device and dtype, so the fingerprint
 names the weights whatever device or precision a run uses. Handles SD 1.x / 2.x
 (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), few-step distilled variants
-included (Turbo, LCM, DMD, Lightning: through sampling defaults); anything else is refused.
+included (Turbo, LCM, DMD, Lightning: through sampling defaults), and the flow-matching transformers
+FLUX.1 (`FluxPipeline`) and SD3 / SD3.5 (`StableDiffusion3Pipeline`, `models/flow.py`); anything else is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from conceptkit.models.sources import (
     HUB_ID_RE, check_folder, hub_needs, is_single_file_spec, load_folder, looks_like_path, pipeline_need,
     resolve_single_file_config, toy_folder,
 )
+from conceptkit.models.flow import FLOW_BUILTINS, FLOW_PIPELINES, FLOW_TINY_NAMES, build_flow_tiny, flow_defaults
 from conceptkit.models.full import FULL_NAMES, build_full
 from conceptkit.models.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.models.tiny import TINY_NAMES, build_tiny
@@ -53,9 +55,9 @@ PROBE_WORDS = ("a", "photo", "dog")  # a sane tokenizer maps none of these to it
 class LoadedModel:
     """A pipeline ready to sample, with what identifies it and how to sample it by default."""
 
-    pipe: DiffusionPipeline  # StableDiffusionPipeline | StableDiffusionXLPipeline on device/dtype, progress bar off
+    pipe: DiffusionPipeline  # StableDiffusion(XL)Pipeline | FluxPipeline | StableDiffusion3Pipeline, progress bar off
     spec: str  # what the user passed to --model
-    arch: str  # "sd1" | "sd2" | "sdxl"
+    arch: str  # "sd1" | "sd2" | "sdxl" | "flux" | "sd3"
     source: str  # "builtin" | "hub-cache" | "folder" | "single-file"
     fingerprint: str  # sha256 hex of the weights as loaded (fp32, before any cast): see fingerprint_pipeline
     device: torch.device
@@ -91,6 +93,7 @@ BUILTINS = (
     BuiltinModel("tiny-sdxl", "sdxl", "tiny random SDXL-shaped pipeline (two text encoders): tests and dry runs, draws noise"),
     BuiltinModel("random-sd15", "sd1", "full-size SD 1.5 architecture with random weights (860M UNet): benchmarks, draws noise"),
     BuiltinModel("random-sdxl", "sdxl", "full-size SDXL base architecture with random weights (2.6B UNet): benchmarks, draws noise"),
+    *(BuiltinModel(*b) for b in FLOW_BUILTINS),
 )
 
 
@@ -229,12 +232,14 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     arch = _pipeline_arch(pipe, spec)
     if file_arch is not None and arch != "sdxl":
         arch = file_arch  # a single file's text-encoder layout tells SD 1.x (CLIP) from SD 2.x (OpenCLIP)
-    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+    for tokenizer in (getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")):
         if tokenizer is not None:
             check_tokenizer(tokenizer, spec)
     fingerprint = fingerprint_pipeline(pipe)
     steps, guidance = _sampling_defaults(spec, names, pipe)
     pipe.set_progress_bar_config(disable=True)
+    if arch == "flux" and torch_dtype == torch.float16 and str(dtype or "auto").lower() == "auto":
+        torch_dtype = torch.bfloat16  # FLUX.1 overflows in float16 (its activations exceed 65504); BFL ships bf16
     _move(pipe, torch_device, torch_dtype)
     return LoadedModel(
         pipe=pipe, spec=spec, arch=arch, source=source, fingerprint=fingerprint, device=torch_device,
@@ -254,12 +259,13 @@ def _locate(
         return (lambda: build_tiny(spec)), "builtin", spec, None
     if spec in FULL_NAMES:
         return (lambda: build_full(spec)), "builtin", spec, None
+    if spec in FLOW_TINY_NAMES:
+        return (lambda: build_flow_tiny(spec)), "builtin", spec, None
     if spec == "toy":
         folder = toy_folder()
         check_folder(folder, spec)
         return (lambda: load_folder(folder, spec)), "builtin", spec, None
     if spec == "toy-turbo":  # its name makes `_sampling_defaults` pick Turbo's defaults: 1 step, no guidance
-
         folder = turbo_folder()
         check_folder(folder, spec)
         return (lambda: load_folder(folder, spec)), "builtin", spec, None
@@ -269,7 +275,7 @@ def _locate(
             raise ModelNotFoundError(f"no such file or folder: {spec}")
         if path.is_file():
             info = inspect_single_file(path)
-            config_dir, label = resolve_single_file_config(info.arch, config, path)
+            config_dir, label = resolve_single_file_config(info.config_key, config, path)
             check_config_matches(info, config_dir, label)
             names = f"{path.name} {Path(label).name}"
             return (lambda: load_single_file(info, config_dir, label)), "single-file", names, info.arch
@@ -338,11 +344,13 @@ def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _pipeline_arch(pipe, spec: str) -> str:
-    """The architecture: "sdxl" for SDXL; for SD, "sd2" when the UNet's context is 1024 wide (OpenCLIP-H), else "sd1"."""
+    """The architecture: "sdxl", "flux", "sd3"; for SD, "sd2" when the UNet's context is 1024 wide (OpenCLIP-H), else "sd1"."""
     if type(pipe).__name__ == "StableDiffusionXLPipeline":
         return "sdxl"
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        return FLOW_PIPELINES[type(pipe).__name__]
     if type(pipe).__name__ != "StableDiffusionPipeline":
-        raise UnsupportedModelError(f"{spec} loaded as {type(pipe).__name__}; conceptkit handles SD 1.x, SD 2.x and SDXL")
+        raise UnsupportedModelError(f"{spec} loaded as {type(pipe).__name__}; conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3")
     return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
 
 
@@ -377,6 +385,8 @@ def _sampling_defaults(spec: str, names: str, pipe) -> tuple[int, float]:
             return 20, 7.5
     if spec in TINY_NAMES:
         return 4, 7.5
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        return flow_defaults(spec, names, pipe)
     text = names.lower()
     lcm = type(pipe.scheduler).__name__ == "LCMScheduler" or "lcm" in text
     if "turbo" in text:

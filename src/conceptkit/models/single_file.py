@@ -5,6 +5,8 @@ A single `.safetensors` file in the original LDM/CompVis layout (`model.diffusio
 no configs and no tokenizer. diffusers' `from_single_file` takes those from a diffusers folder
 (`config=`); `models/sources.py` finds that folder (a `--config`, or the canonical repo of the
 detected architecture, its configs downloaded when missing) and this module does the rest.
+FLUX.1 and SD3 files (BFL's `double_blocks.*`, Stability's `joint_blocks.*`) give the transformer only;
+the rest comes from a full diffusers folder (`flow_single_file.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from conceptkit.errors import UnsupportedModelError, UsageError
+from conceptkit.models.flow_single_file import FLOW_CONFIG_REPOS, flow_file_arch, load_flow_transformer
 
 SAFE_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -25,6 +28,7 @@ CANONICAL_CONFIG_REPOS = {
     "sd1": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
     "sd2": ("stabilityai/stable-diffusion-2-1",),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0",),
+    **FLOW_CONFIG_REPOS,  # flux, flux-schnell, sd3: the transformer comes from the file, the rest from these
 }
 
 UNET = "model.diffusion_model."
@@ -40,9 +44,14 @@ class SingleFileInfo:
     """What the keys of a single-file checkpoint say about it."""
 
     path: Path
-    arch: str  # "sd1" | "sd2" | "sdxl"
-    context_dim: int  # the UNet's cross-attention width, read from the first attn2.to_k weight
+    arch: str  # "sd1" | "sd2" | "sdxl" | "flux" | "sd3"
+    context_dim: int  # the UNet's cross-attention width, read from the first attn2.to_k weight (0 for FLUX / SD3)
     n_tensors: int
+    family: str = ""  # FLUX / SD3: the key of CANONICAL_CONFIG_REPOS ("flux", "flux-schnell", "sd3")
+
+    @property
+    def config_key(self) -> str:
+        return self.family or self.arch
 
 
 def check_single_file_suffix(path: Path) -> None:
@@ -92,6 +101,9 @@ def inspect_single_file(path: Path) -> SingleFileInfo:
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
+    family = flow_file_arch(keys)
+    if family is not None:
+        return SingleFileInfo(path=path, arch=family.removesuffix("-schnell"), context_dim=0, n_tensors=len(keys), family=family)
     found = _describe_foreign(keys, has)
     if found:
         raise UnsupportedModelError(f"{path.name} looks like {found}; conceptkit handles SD 1.x, SD 2.x and SDXL checkpoints")
@@ -148,7 +160,8 @@ def config_arch(config_dir: Path) -> tuple[str, int | None]:
         config_dir: a diffusers pipeline folder (configs are enough; weights are not needed).
     """
     index = json.loads((config_dir / "model_index.json").read_text())
-    family = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}.get(index.get("_class_name", ""))
+    family = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
+              "StableDiffusion3Pipeline": "sd3"}.get(index.get("_class_name", ""))
     unet_config = config_dir / "unet" / "config.json"
     context = json.loads(unet_config.read_text()).get("cross_attention_dim") if unet_config.exists() else None
     if isinstance(context, list):
@@ -165,13 +178,20 @@ def check_config_matches(info: SingleFileInfo, config_dir: Path, config_label: s
         config_label: how to name the config in messages (the --config value or the hub id).
     """
     family, context = config_arch(config_dir)
-    wanted = "sdxl" if info.arch == "sdxl" else "sd"
+    wanted = info.arch if info.arch in ("sdxl", "flux", "sd3") else "sd"
     if family != wanted:
         raise UsageError(
             f"config {config_label} is for {family} but {info.path.name} is an {info.arch} checkpoint; "
             "pass a --config of the same architecture"
         )
-    if context is not None and context != info.context_dim:
+    transformer_config = config_dir / "transformer" / "config.json"
+    if info.family.startswith("flux") and transformer_config.is_file():
+        embeds = bool(json.loads(transformer_config.read_text()).get("guidance_embeds"))
+        if embeds != (info.family == "flux"):
+            raise UsageError(f"config {config_label} is a FLUX {'dev' if embeds else 'schnell'}-style transformer but "
+                             f"{info.path.name} is {'schnell' if embeds else 'dev'}-style (guidance embedder "
+                             f"{'absent' if embeds else 'present'}); pass a --config of the same variant")
+    if context is not None and info.context_dim and context != info.context_dim:
         raise UsageError(
             f"config {config_label} has cross-attention width {context} but {info.path.name} has {info.context_dim}; "
             "pass the --config this checkpoint was trained from"
@@ -187,7 +207,17 @@ def load_single_file(info: SingleFileInfo, config_dir: Path, config_label: str):
         config_label: how to name the config in messages (the --config value or the hub id).
     """
     check_config_matches(info, config_dir, config_label)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if info.arch in ("flux", "sd3"):
+        transformer = load_flow_transformer(info.path, info.arch, config_dir, config_label)
+        cls = FluxPipeline if info.arch == "flux" else StableDiffusion3Pipeline
+        try:
+            return cls.from_pretrained(config_dir, transformer=transformer, local_files_only=True, use_safetensors=True,
+                                       torch_dtype=torch.float32)
+        except Exception as err:  # the config folder's other components missing or broken
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UnsupportedModelError(f"could not load the components of {info.path.name} from {config_label}: {first[:300]}") from err
 
     if info.arch == "sdxl":
         cls, extra = StableDiffusionXLPipeline, {"add_watermarker": False}

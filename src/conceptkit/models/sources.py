@@ -16,6 +16,8 @@ import torch
 
 from conceptkit.errors import ModelNotFoundError, UnsupportedModelError, UsageError
 from conceptkit.models import hub
+from conceptkit.models.flow import FLOW_TINY_NAMES
+from conceptkit.models.flow_single_file import FLOW_CONFIG_REPOS
 from conceptkit.models.full import FULL_NAMES
 from conceptkit.models.hub import cached_snapshot, hf_cache_dir  # noqa: F401 - re-exported: where cached models live
 from conceptkit.models.hub_files import PIPELINE_ARCH
@@ -49,11 +51,11 @@ def hub_needs(spec: str, config: str | Path | None = None, *, prefer_fp16: bool 
         prefer_fp16: the run computes in half precision (fp16 weights are downloaded where a repository has them).
     """
     spec = str(spec)
-    if spec in TINY_NAMES or spec in FULL_NAMES or spec in ("toy", "toy-turbo"):  # built-ins need nothing from the hub
+    if spec in TINY_NAMES or spec in FULL_NAMES or spec in FLOW_TINY_NAMES or spec in ("toy", "toy-turbo"):  # built-ins need nothing from the hub
         return []
     if looks_like_path(spec):
         path = Path(spec).expanduser()
-        return config_needs(inspect_single_file(path).arch, config, path) if path.is_file() else []
+        return config_needs(inspect_single_file(path).config_key, config, path) if path.is_file() else []
     if HUB_ID_RE.match(spec):
         need = pipeline_need(spec, prefer_fp16)
         return [] if hub.local_state(need)[0] is not None else [need]
@@ -70,17 +72,18 @@ def config_needs(arch: str, config: str | Path | None, path: Path) -> list[hub.N
         label = str(config)
         if Path(label).expanduser().is_dir() or not is_hub_id(label):
             return []
-        need = _config_need(label, path)
+        need = _config_need(label, path, arch)
         return [] if hub.local_state(need)[0] is not None else [need]
     tried = CANONICAL_CONFIG_REPOS[arch]
-    if any(hub.local_state(_config_need(repo_id, path))[0] is not None for repo_id in tried):
+    if any(hub.local_state(_config_need(repo_id, path, arch))[0] is not None for repo_id in tried):
         return []
-    return [_config_need(tried[0], path)]
+    return [_config_need(tried[0], path, arch)]
 
 
-def _config_need(repo_id: str, path: Path) -> hub.Need:
+def _config_need(repo_id: str, path: Path, arch: str) -> hub.Need:
+    kind = "components" if arch in FLOW_CONFIG_REPOS else "config"  # FLUX / SD3: the text encoders' and VAE's weights too
     return hub.Need(
-        repo_id, "config", role=f"configs of {path.name}",
+        repo_id, kind, role=f"configs of {path.name}" if kind == "config" else f"text encoders and VAE of {path.name}",
         alternative="or pass --config with a diffusers folder of the same architecture",
     )
 
@@ -100,21 +103,21 @@ def resolve_single_file_config(arch: str, config: str | Path | None, path: Path)
                 raise UsageError(f"--config {label} is not a diffusers pipeline folder (no model_index.json)")
             return folder, label
         if is_hub_id(label):
-            snapshot = hub.resolve(_config_need(label, path))
+            snapshot = hub.resolve(_config_need(label, path, arch))
             if not (snapshot / "model_index.json").is_file():
                 raise UsageError(f"--config {label} is in the cache but is not a diffusers pipeline (no model_index.json)")
             return snapshot, label
         raise ModelNotFoundError(f"--config {label}: no such folder, and not a Hugging Face id")
     tried = CANONICAL_CONFIG_REPOS[arch]
     for repo_id in tried:
-        snapshot, _ = hub.local_state(_config_need(repo_id, path))
+        snapshot, _ = hub.local_state(_config_need(repo_id, path, arch))
         if snapshot is not None:
             return snapshot, repo_id
-    return hub.resolve(_config_need(tried[0], path)), tried[0]
+    return hub.resolve(_config_need(tried[0], path, arch)), tried[0]
 
 
 def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
-    """Check a pipeline folder before loading it (JSON and file names only): (family "sd"|"sdxl", variant)."""
+    """Check a pipeline folder before loading it (JSON and file names only): (family "sd"|"sdxl"|"flux"|"sd3", variant)."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         loose = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -128,7 +131,7 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
     family = PIPELINE_ARCH.get(class_name)
     if family is None:
         what = "an SDXL refiner / image-to-image pipeline" if "Img2Img" in class_name else class_name
-        raise UnsupportedModelError(f"{spec} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x and SDXL text-to-image")
+        raise UnsupportedModelError(f"{spec} is {what} ({class_name}); conceptkit handles SD 1.x, SD 2.x, SDXL, FLUX.1 and SD3 text-to-image")
     if family == "sdxl" and (index.get("text_encoder", [None])[0] is None or index.get("text_encoder_2", [None])[0] is None):
         raise UnsupportedModelError(f"{spec} is an SDXL pipeline without both text encoders (a refiner?); not supported")
     return family, check_pipeline_weights(folder, index, spec)
@@ -137,12 +140,14 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
 def load_folder(folder: Path, spec: str):
     """Load a diffusers pipeline folder (a local folder or a cached snapshot) in fp32 on the CPU."""
     family, variant = check_folder(folder, spec)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    if family == "sdxl":
-        cls, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+    if family in ("flux", "sd3"):
+        cls, extra = getattr(diffusers, "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"), {}
+    elif family == "sdxl":
+        cls, extra = diffusers.StableDiffusionXLPipeline, {"add_watermarker": False}
     else:
-        cls = StableDiffusionPipeline
+        cls = diffusers.StableDiffusionPipeline
         extra = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
     try:
         return cls.from_pretrained(
@@ -156,7 +161,7 @@ def load_folder(folder: Path, spec: str):
 def check_pipeline_weights(folder: Path, index: dict, spec: str) -> str | None:
     """Refuse pickled-only or missing weights before diffusers tries; return the variant to load."""
     variant = None
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if name not in index or index[name][0] is None:
             continue
         sub = folder / name

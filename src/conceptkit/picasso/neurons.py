@@ -33,9 +33,12 @@ from conceptkit.diffusion import (
     training_target,
     words_in_layers,
 )
+from conceptkit.diffusion_flow import flow_conditioning
 from conceptkit.errors import UsageError
 from conceptkit.image_folder import folder_digest, read_images
+from conceptkit.models.flow import denoiser, is_flow
 from conceptkit.models.load import LoadedModel
+from conceptkit.picasso import joint
 from conceptkit.picasso.attention import ConceptSink, capture, cross_attention_names
 from conceptkit.settings import NOT_RECORDED, key_settings
 from conceptkit.tensor_files import tensor_problem
@@ -138,13 +141,16 @@ def _step_name(step: int) -> str:
 # ---------------------------------------------------------------- concept tokens
 
 
-def concept_mask(tokenizer, prompts: Sequence[str], concept: str | None) -> tuple[torch.Tensor, list[list[str]]]:
+def concept_mask(tokenizer, prompts: Sequence[str], concept: str | None,
+                 max_length: int | None = None) -> tuple[torch.Tensor, list[list[str]]]:
     """Which token positions of each prompt are the concept: (P, L) float mask and the tokens picked.
 
     Without `concept`, every token but the special ones (start, end, padding). With it, each of its
     words must occur in every prompt (as the same token sequence); all its occurrences are picked.
+    `max_length`: the padded length (default the tokenizer's; a flow pipeline's T5 length).
     """
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                    truncation=True).input_ids
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     mask = torch.zeros(len(prompts), len(ids[0]))
     picked: list[list[str]] = []
@@ -190,9 +196,12 @@ def step_statistics(model: LoadedModel, refs: torch.Tensor, noise: torch.Tensor,
     Returns:
         {"importance": (Nn,), "activation": (Nn,), "fs.<i>": (C_i, h_i, w_i)} in block order.
     """
-    unet, sched = model.pipe.unet, model.pipe.scheduler
-    names = cross_attention_names(unet)
-    params = [m for n in names for m in (unet.get_submodule(n).to_k, unet.get_submodule(n).to_v)]
+    unet, sched, flow = denoiser(model.pipe), model.pipe.scheduler, is_flow(model)
+    if flow:  # FLUX / SD3: the text stream's add_k_proj / add_v_proj of each joint attention (picasso/joint.py)
+        names, params = joint.concept_layers(unet)
+    else:
+        names = cross_attention_names(unet)
+        params = [m for n in names for m in (unet.get_submodule(n).to_k, unet.get_submodule(n).to_v)]
     sink = ConceptSink(latent_hw=tuple(refs.shape[-2:]))
     n_total = len(refs)
     grads = [torch.zeros_like(p.weight, dtype=torch.float32) for p in params]
@@ -210,13 +219,16 @@ def step_statistics(model: LoadedModel, refs: torch.Tensor, noise: torch.Tensor,
             sl = slice(a, a + batch_size)
             x0, eps = refs[sl].to(model.device, model.dtype), noise[sl].to(model.device, model.dtype)
             tt = torch.full((len(x0),), int(t), device=model.device, dtype=torch.long)
-            xt = sched.add_noise(x0, eps, tt)
             sink.mask = mask[sl].to(model.device)
             kwargs = {"added_cond_kwargs": {k: v[sl] for k, v in added.items()}} if added else {}
-            with torch.set_grad_enabled(use_grad), capture(unet, sink):
-                out = unet(xt, tt, encoder_hidden_states=embeds[sl], **kwargs).sample
+            with torch.set_grad_enabled(use_grad), (joint.capture_joint if flow else capture)(unet, sink):
+                if flow:
+                    out, target = joint.denoising_loss_terms(model, x0, eps, t, joint.rows(embeds, sl))
+                else:
+                    out = unet(sched.add_noise(x0, eps, tt), tt, encoder_hidden_states=embeds[sl], **kwargs).sample
+                    target = training_target(sched, x0, eps, tt)
             if use_grad:
-                loss = F.mse_loss(out.float(), training_target(sched, x0, eps, tt).float(), reduction="sum") / out[0].numel() / n_total
+                loss = F.mse_loss(out.float(), target.float(), reduction="sum") / out[0].numel() / n_total
                 wanted = [p.weight for p in params] + [p.bias for p in params if p.bias is not None]
                 got = torch.autograd.grad(loss * scale, wanted)  # scaled: fp16 gradients would underflow
                 for i in range(len(params)):
@@ -280,12 +292,17 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
                           "timesteps": timesteps, "reference": reference, "settings": settings})
     art = store.artifact("neurons", key)
     # 3. conditioning and concept tokens, per prompt then per reference
-    mask_p, picked = concept_mask(model.pipe.tokenizer, prompts, cfg.concept)
+    if is_flow(model):
+        mask_p, picked = joint.concept_mask(model, prompts, cfg.concept, concept_mask)
+    else:
+        mask_p, picked = concept_mask(model.pipe.tokenizer, prompts, cfg.concept)
     idx = prompt_index.long()
     mask = mask_p[idx]
 
     def text(timestep: int | None):
         """Per reference: the prompt's embeddings (a learned word in time takes its vector for `timestep`)."""
+        if is_flow(model):
+            return joint.rows(flow_conditioning(model, prompts, guidance=False), idx.to(model.device)), {}
         cond = conditioning(model, prompts, height, width, guidance=False, timestep=timestep)
         embeds_p, added_p = cond.cond, cond.added_cond or {}
         return embeds_p[idx.to(embeds_p.device)].detach(), {k: v[idx.to(v.device)].detach() for k, v in added_p.items()}
@@ -333,7 +350,8 @@ def run(model: LoadedModel, harvest_path: Path, cfg: NeuronConfig, progress: Pro
 
 
 def _describe_blocks(model: LoadedModel, out: dict[str, torch.Tensor]) -> list[dict]:
-    names = cross_attention_names(model.pipe.unet)
+    net = denoiser(model.pipe)
+    names = joint.joint_attention_names(net) if is_flow(model) else cross_attention_names(net)
     blocks, start = [], 0
     for i, name in enumerate(names):
         for j, proj in enumerate(("k", "v")):

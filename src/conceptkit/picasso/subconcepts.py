@@ -23,6 +23,7 @@ import torch
 from conceptkit import store
 from conceptkit.diffusion import sample, same_weights
 from conceptkit.errors import UsageError
+from conceptkit.models.flow import denoiser
 from conceptkit.picasso.maths import timestep_groups
 
 MODES = ("close", "scale", "only")
@@ -90,20 +91,23 @@ def gates(sub: SubconceptMap, cluster: int, mode: str = "close", scale: float = 
 
 @contextmanager
 def apply(unet, blocks: list[dict], gate: np.ndarray, num_train_timesteps: int = 1000) -> Iterator[None]:
-    """Inside the block, every UNet call multiplies each `to_k`/`to_v` output channel by gate[group(t)].
+    """Inside the block, every UNet call multiplies each `to_k`/`to_v` output channel by gate[group(t)]
+    (FLUX / SD3: each joint attention's `add_k_proj`/`add_v_proj`, picasso/joint.py).
 
     Args:
-        unet: the pipeline's UNet.
+        unet: the pipeline's UNet, or FLUX's / SD3's transformer.
         blocks: the neurons artifact's blocks (flat neuron index -> layer, projection, channels).
         gate: (D, N) from `gates`.
         num_train_timesteps: the scheduler's horizon, for the group of t.
     """
     d = gate.shape[0]
     state = {"group": 0}
+    per_unit = type(unet).__name__.startswith("Flux")  # FLUX's transformer is called with t / num_train_timesteps
 
     def read_t(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        t = t * num_train_timesteps if per_unit else t
         state["group"] = int(timestep_groups([t], d, num_train_timesteps)[0])
 
     handles = [unet.register_forward_pre_hook(read_t, with_kwargs=True)]
@@ -112,7 +116,9 @@ def apply(unet, blocks: list[dict], gate: np.ndarray, num_train_timesteps: int =
             block_gate = torch.as_tensor(gate[:, b["start"] : b["stop"]], dtype=torch.float32)
             if torch.all(block_gate == 1):
                 continue
-            lin = getattr(unet.get_submodule(b["layer"]), f"to_{b['proj']}")
+            layer = unet.get_submodule(b["layer"])
+            joint = getattr(layer, "add_k_proj", None) is not None  # an MMDiT joint attention: the text projections
+            lin = getattr(layer, f"add_{b['proj']}_proj" if joint else f"to_{b['proj']}")
 
             def hook(module, args, out, block_gate=block_gate):
                 return out * block_gate[state["group"]].to(out.device, out.dtype)
@@ -246,7 +252,7 @@ def render(model, sub: SubconceptMap | str, cluster: int, seeds: Sequence[int], 
         raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
     prompt, steps, guidance = _sampling(model, sub, prompt, steps, guidance)
     seeds = list(seeds)
-    mod = SubconceptModification(model.pipe.unet, sub, cluster, mode, scale)
+    mod = SubconceptModification(denoiser(model.pipe), sub, cluster, mode, scale)
     try:
         out = [sample(model, prompt, seeds[i:i + batch_size], steps, guidance, [mod]) for i in range(0, len(seeds), batch_size)]
     finally:

@@ -137,6 +137,7 @@ class SliderBank(nn.Module):
         targets = [(t.name, t.module) for t in found]
         layers = [t.layer for t in found]
         self.module_names: tuple[str, ...] = tuple(t.name for t in found)
+        self.prefix = "unet" if type(unet).__name__.startswith("UNet") else "transformer"  # FLUX / SD3: transformer
         self.specs: tuple[LayerSpec, ...] = tuple(t.spec for t in found)
         k, r = config.num_sliders, config.rank
         gen = torch.Generator().manual_seed(config.seed)
@@ -282,7 +283,7 @@ class SliderBank(nn.Module):
     def save_slider(self, k: int, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
         """Write slider k to one `.safetensors` file that `pipe.load_lora_weights` and
         `unet.load_lora_adapter(path, prefix="unet")` load; see `save_slider_file`."""
-        return save_slider_file(self.slider_factors(k), path, metadata, slider_index=k)
+        return save_slider_file(self.slider_factors(k), path, metadata, slider_index=k, prefix=self.prefix)
 
     def set_slider(self, k: int, factors: SliderFactors) -> None:
         """Copy `factors` into slot k; a different alpha/r is folded into B so B A * scale matches."""

@@ -27,7 +27,7 @@ import torch
 
 from conceptkit.diffusion import sample, window_steps
 
-TARGET = 0.2  # mean shift per side at strength 1, in standard deviations of the harvested images along each direction
+TARGET = 0.27  # mean shift per side at strength 1, in standard deviations of the harvested images along each direction (docs/sliders.md: chosen on the toy)
 SEED_BASE = 900_000  # calibration seeds: SEED_BASE, SEED_BASE + 1, ...
 MAX_SCALE = 16.0  # c is kept within [1 / MAX_SCALE, MAX_SCALE]
 
@@ -89,7 +89,7 @@ def response(model, bank, encoder, prompt: str, directions: np.ndarray, sigma: n
              steps: int, guidance: float, start: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """(K,) mean shift per side along each slider's direction at strength +-`scale`, over `seeds` seeds, in units of sigma."""
     k = bank.num_sliders
-    window = _Window(bank, start, guidance > 1.0)
+    window = _Window(bank, start, guidance > 1.0 and getattr(model, "arch", "") != "flux")  # FLUX's guidance is embedded: one batch
     seed_list = [SEED_BASE + i for i in range(seeds)]
     v = torch.as_tensor(np.asarray(directions), dtype=torch.float32)
     out = np.zeros(k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-BUILTIN_TEST_MODELS = ("tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl")
+BUILTIN_TEST_MODELS = ("tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "tiny-sd3", "random-flux")
 
 
 @dataclass(frozen=True)
@@ -23,20 +23,26 @@ class SliderDefaults:
     pairs: int  # harvested (trajectory, step) pairs per optimiser step
     lr: float
     calibration_seeds: int  # seeds of the strength calibration (`sliders.calibrate`); 0: none
+    directions: str  # pca | ica (`sliders.train.principal_directions`)
+    x0: str  # all | final: which steps' x0 enter the directions
     why: str
 
     def as_dict(self) -> dict:
         return {"profile": self.profile, "samples": self.samples, "train_steps": self.train_steps,
-                "pairs": self.pairs, "lr": self.lr, "calibration_seeds": self.calibration_seeds, "why": self.why}
+                "pairs": self.pairs, "lr": self.lr, "calibration_seeds": self.calibration_seeds,
+                "directions": self.directions, "x0": self.x0, "why": self.why}
 
 
-QUICK = SliderDefaults("toy", samples=16, train_steps=100, pairs=2, lr=5e-3, calibration_seeds=8,
-                       why="the toy: measured on it, 400 training steps are no purer than 100 (docs/sliders.md)")
-REFERENCE = SliderDefaults("sd", samples=1000, train_steps=3000, pairs=1, lr=2e-3, calibration_seeds=4,
-                           why="the SliderSpace reference settings: 1,000 images, 3,000 iterations, lr 2e-3")
+QUICK = SliderDefaults("test-model", samples=16, train_steps=100, pairs=2, lr=5e-3, calibration_seeds=2, directions="pca",
+                       x0="all", why="a built-in test model: quick settings")
+TOY = SliderDefaults("toy", samples=256, train_steps=100, pairs=2, lr=5e-3, calibration_seeds=8, directions="ica", x0="final",
+                     why="the toy: measured on it, the final images of 256 trajectories rotated to independent directions "
+                         "are the purest sliders that also cover all four factors (docs/sliders.md)")
+REFERENCE = SliderDefaults("sd", samples=1000, train_steps=3000, pairs=1, lr=2e-3, calibration_seeds=4, directions="pca",
+                           x0="all", why="the SliderSpace reference settings: 1,000 images, 3,000 iterations, lr 2e-3")
 PROFILES = {
-    "toy": QUICK,
-    "test-model": replace(QUICK, profile="test-model", calibration_seeds=2, why="a built-in test model: quick settings, as for the toy"),
+    "toy": TOY,
+    "test-model": QUICK,
     "sd": REFERENCE,
     "sdxl": replace(REFERENCE, profile="sdxl"),
     "few-step": replace(REFERENCE, profile="few-step",

@@ -76,14 +76,15 @@ def folded(factors: SliderFactors) -> SliderFactors:
 
 
 def save_slider_file(factors: SliderFactors, path: str | Path, metadata: Mapping[str, str] | None = None,
-                     *, slider_index: int | None = None) -> Path:
+                     *, slider_index: int | None = None, prefix: str = "unet") -> Path:
     """Write one slider as safetensors in diffusers' pipeline LoRA layout, its scale folded into B.
 
     Keys `unet.{module}.lora_A.weight` (r, in) / `.lora_B.weight` (out, r) (conv: (r, in, kh, kw) /
     (out, r, 1, 1)), float32, B already multiplied by alpha/r. Header: `format: pt`;
     `lora_adapter_metadata`: JSON LoraConfig kwargs with the `unet.` prefix (r, lora_alpha = r,
     target_modules); `conceptkit_slider`: JSON {format, rank, alpha (= r), trained_alpha,
-    slider_index, modules}; then the caller's str->str entries.
+    slider_index, modules}; then the caller's str->str entries. `prefix`: `transformer` for FLUX / SD3
+    (what `FluxPipeline.load_lora_weights` / `StableDiffusion3Pipeline.load_lora_weights` read).
     """
     path = Path(path)
     check_factors(factors, str(path))
@@ -94,13 +95,13 @@ def save_slider_file(factors: SliderFactors, path: str | Path, metadata: Mapping
                    "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False}
     header = {
         "format": "pt",
-        DIFFUSERS_KEY: json.dumps({f"unet.{k}": v for k, v in lora_config.items()}, sort_keys=True),
+        DIFFUSERS_KEY: json.dumps({f"{prefix}.{k}": v for k, v in lora_config.items()}, sort_keys=True),
         CONCEPTKIT_KEY: json.dumps({"format": FORMAT, "rank": factors.rank, "alpha": factors.alpha,
                                     "trained_alpha": trained_alpha, "slider_index": slider_index, "modules": names}),
         **_check_metadata(metadata),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(peft_state_dict(factors, "unet"), str(path), metadata=header)
+    save_file(peft_state_dict(factors, prefix), str(path), metadata=header)
     return path
 
 
@@ -123,7 +124,7 @@ def load_slider_file(path: str | Path) -> LoadedSlider:
         raise UsageError(f"cannot read slider file {path} as safetensors: {exc}") from exc
     lora_a, lora_b = {}, {}
     for key, value in tensors.items():
-        name = key.removeprefix("unet.")
+        name = key.removeprefix("unet.").removeprefix("transformer.")
         if name.endswith(".lora_A.weight"):
             lora_a[name.removesuffix(".lora_A.weight")] = value.float()
         elif name.endswith(".lora_B.weight"):
@@ -135,7 +136,7 @@ def load_slider_file(path: str | Path) -> LoadedSlider:
     rank = next(iter(lora_a.values())).shape[0]
     try:
         ours = json.loads(header.get(CONCEPTKIT_KEY, "{}"))
-        config = {k.removeprefix("unet."): v for k, v in json.loads(header.get(DIFFUSERS_KEY, "{}")).items()}
+        config = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in json.loads(header.get(DIFFUSERS_KEY, "{}")).items()}
         alpha = float(ours.get("alpha", config.get("lora_alpha", rank)))  # diffusers: no alpha -> r
     except (ValueError, TypeError, AttributeError) as exc:
         raise UsageError(f"{path}: header entry {CONCEPTKIT_KEY!r} or {DIFFUSERS_KEY!r} is not valid JSON "

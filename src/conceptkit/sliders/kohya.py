@@ -4,7 +4,8 @@ Keys `lora_unet_{name}.lora_down.weight` (r, in[, kh, kw]), `.lora_up.weight` (o
 `.alpha` (), with `name` the module path with `.` -> `_`: diffusers' paths for SD 1.x / 2.x (what
 kohya's own SD 1.x UNet uses), the original LDM paths for SDXL (`input_blocks_4_1_...`, what
 sd-scripts' SDXL UNet uses; `ldm_names.py`). The header carries what kohya writes (`ss_*`) and
-modelspec 1.0 (`modelspec.*`), so AUTOMATIC1111 files an SDXL slider under SDXL.
+modelspec 1.0 (`modelspec.*`), so AUTOMATIC1111 files an SDXL slider under SDXL. FLUX.1 sliders take
+Black Forest Labs' module names, fused q/k/v layers included (`kohya_flux.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from conceptkit.errors import UsageError
 from conceptkit.models.ldm_names import ldm_module_name
 from conceptkit.sliders.files import SliderFactors, _check_metadata, check_factors, load_slider_file
+from conceptkit.sliders.kohya_flux import flux_tensors
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ ARCHS = {
     "sd2": KohyaArch("sd_v2", "stable-diffusion-v2-512/lora", "diffusers", False),
     "sdxl": KohyaArch("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora",
                       "https://github.com/Stability-AI/generative-models", True),
+    "flux": KohyaArch("flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux", True),  # kohya_flux.py
 }
 _SD1_SPECIAL = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # modules outside the resnet / transformer / down- and upsampler blocks, which sd-scripts' networks never wrap
@@ -56,6 +59,8 @@ def kohya_key(module_name: str, arch: str = "sd1") -> str:
     SD 1.x / 2.x keep diffusers' path (the inverse of diffusers' `_convert_unet_lora_key`; an
     `add_embedding` goes by its sgm name `label_emb`); SDXL uses the LDM path
     (`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` -> `input_blocks.4.1...`)."""
+    if arch == "flux":
+        raise UsageError("architecture 'flux' fuses layers (q, k, v in one qkv): its keys come from kohya_flux.flux_tensors")
     name = ldm_module_name(module_name) if _arch(arch).ldm_names else _SD1_SPECIAL.get(module_name, module_name)
     return "lora_unet_" + name.replace(".", "_")
 
@@ -119,8 +124,8 @@ def export_kohya(source: str | Path | SliderFactors | Mapping[str, torch.Tensor]
     arch = arch or meta.get("base_model_arch")
     if arch is None:
         raise UsageError("the slider names no base model architecture (header base_model_arch); pass arch= sd1, sd2 or sdxl")
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(factors.lora_A):
+    out: dict[str, torch.Tensor] = flux_tensors(factors, dtype) if arch == "flux" else {}
+    for name in sorted(factors.lora_A) if arch != "flux" else ():
         key = kohya_key(name, arch)
         out[f"{key}.lora_down.weight"] = factors.lora_A[name].to(dtype).contiguous()
         out[f"{key}.lora_up.weight"] = factors.lora_B[name].to(dtype).contiguous()

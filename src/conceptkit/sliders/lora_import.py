@@ -25,6 +25,7 @@ from torch import nn
 
 from conceptkit.diffusion import window_steps
 from conceptkit.errors import UsageError
+from conceptkit.models.flow import FLOW_PIPELINES, denoiser
 from conceptkit.sliders.sets import MAX_STRENGTH
 
 ADAPTER_PREFIX = "conceptkit_lora_"
@@ -81,6 +82,12 @@ class LoraFile:
                 "scale": round(float(scale), 6), "modules": len(self.unet_modules)}
 
 
+# how keys of FLUX / SD3 LoRA files start (diffusers, OneTrainer, kohya on BFL names, bare BFL or diffusers names)
+TRANSFORMER_LORA_KEYS = ("transformer.", "lora_transformer_", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                         "lora_unet_joint_blocks_", "double_blocks.", "single_blocks.", "joint_blocks.",
+                         "diffusion_model.double_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+
+
 def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
     """Check `spec.path` against `pipe` without changing it: readable, a LoRA, every UNet key a UNet module of the right shape."""
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -92,24 +99,33 @@ def inspect_lora(pipe, spec: LoraSpec, what: str = "--lora") -> LoraFile:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises several types for a bad file
         raise UsageError(f"{what} {path}: cannot read it as safetensors: {exc}") from exc
+    flow = type(pipe).__name__ in FLOW_PIPELINES  # FLUX / SD3: the transformer's modules, `transformer.` keys
+    foreign = next((k for k in keys if k.startswith(TRANSFORMER_LORA_KEYS)), None)
+    if foreign is not None and not flow:
+        raise UsageError(f"{what} {path} is a LoRA for a FLUX / SD3 transformer (key {foreign!r}); "
+                         f"it cannot apply to this {type(pipe).__name__}'s UNet")
+    if flow and foreign is None and any(k.startswith(("lora_unet_", "unet.", "lora_te")) for k in keys):
+        raise UsageError(f"{what} {path} is a LoRA for an SD / SDXL UNet; it cannot apply to this {type(pipe).__name__}'s transformer")
     kohya = any(k.startswith("lora_unet_") for k in keys)
     if not kohya and not any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k or "lora_down" in k for k in keys):
         raise UsageError(f"{what} {path}: no LoRA keys (lora_unet_..., lora_A/lora_B); first key {keys[0] if keys else 'none'!r}")
     try:
-        state, _alphas = pipe.lora_state_dict(str(path))
+        state = pipe.lora_state_dict(str(path))
+        state = state[0] if isinstance(state, tuple) else state  # SD / SDXL: (state, network alphas)
     except Exception as exc:  # diffusers' converter raises ValueError/KeyError on what it cannot map
         raise UsageError(f"{what} {path}: diffusers cannot convert it (LyCORIS/LoHa/LoKr are not LoRA): {_one_line(exc)}") from exc
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    prefix = "transformer." if flow else "unet."
+    unet_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     text_keys = sum(1 for k in state if k.startswith(("text_encoder.", "text_encoder_2.")))
-    other = [k for k in state if not k.startswith(("unet.", "text_encoder.", "text_encoder_2."))]
+    other = [k for k in state if not k.startswith((prefix, "text_encoder.", "text_encoder_2."))]
     if other and not unet_state:  # diffusers left it unprefixed: a bare peft/diffusers UNet dict
         unet_state, other = dict(state), []
     if other:
         raise UsageError(f"{what} {path}: key {other[0]!r} belongs to neither the UNet nor a text encoder")
     if not unet_state:
         raise UsageError(f"{what} {path}: no UNet keys (it only changes the text encoder); conceptkit applies UNet LoRAs")
-    peft = convert_unet_state_dict_to_peft(unet_state)
-    modules = dict(pipe.unet.named_modules())
+    peft = unet_state if flow else convert_unet_state_dict_to_peft(unet_state)  # flow: already lora_A / lora_B
+    modules = dict(denoiser(pipe).named_modules())
     names, rank = [], 0
     for key, value in sorted(peft.items()):
         if ".lora_A." not in key:
@@ -162,7 +178,7 @@ class LoraModification:
     def __init__(self, pipe, files: Sequence[LoraFile], cfg_batches: bool, start: float = 0.0):
         self.pipe, self.files, self.cfg_batches, self.start = pipe, list(files), cfg_batches, float(start)
         self.names = [f"{ADAPTER_PREFIX}{i}" for i in range(len(self.files))]
-        self._had_peft = bool(getattr(pipe.unet, "peft_config", None))
+        self._had_peft = bool(getattr(denoiser(pipe), "peft_config", None))
         self._handles: list[Any] = []
         self._per_image: torch.Tensor | None = None  # (N, L) strengths, one row per UNet batch element
         self._scales = [0.0] * len(self.files)
@@ -179,7 +195,7 @@ class LoraModification:
     def _coef_hooks(self) -> None:
         """A hook on each adapter's lora_B that scales its output per batch element (idle without per-image strengths)."""
         for j, name in enumerate(self.names):
-            for module in self.pipe.unet.modules():
+            for module in denoiser(self.pipe).modules():
                 lora_b = getattr(module, "lora_B", None)
                 if isinstance(lora_b, nn.ModuleDict) and name in lora_b:
                     self._handles.append(lora_b[name].register_forward_hook(self._make_hook(j)))

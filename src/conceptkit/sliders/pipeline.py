@@ -30,6 +30,7 @@ import torch
 from conceptkit import capacity, harvest, store
 from conceptkit.diffusion import decode_batched, restore_requires_grad, save_requires_grad
 from conceptkit.errors import DamagedArtifactError, UsageError
+from conceptkit.models.flow import denoiser
 from conceptkit.parallel import barrier, processes, share_rows, sum_across
 from conceptkit.settings import IN_KEY_UNLESS_DEFAULT, IN_MANIFEST_ONLY, NOT_RECORDED, key_settings, manifest_settings
 from conceptkit.sliders.bank import DEFAULT_TARGETS, SliderLoraConfig, install_sliders
@@ -208,10 +209,11 @@ def run(model, cfg: SlidersConfig, progress: Progress | None = None, stage: Stag
         # 3. principal directions
         dirs = principal_directions(emb, cfg.count, seed=cfg.seed, method=cfg.directions)
         # 4. all K sliders in one batched pass
-        unet = model.pipe.unet
+        unet = denoiser(model.pipe)  # the UNet, or FLUX's / SD3's transformer
         bank = install_sliders(unet, SliderLoraConfig(cfg.count, rank=cfg.rank, alpha=cfg.alpha,
                                                       target_modules=cfg.targets, seed=cfg.seed))
-        saved = save_requires_grad(p for part in (model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None))
+        saved = save_requires_grad(p for part in (model.pipe.vae, model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None),
+                                                  getattr(model.pipe, "text_encoder_3", None))
                                    if part is not None for p in part.parameters())
         try:
             for p, _ in saved:
@@ -297,7 +299,7 @@ def _state_key(state: Path) -> str | None:
 
 def _checkpointing(model, bank, on: bool) -> None:
     """Gradient checkpointing of the UNet (replaying each forward's slider routing) and the VAE decoder."""
-    unet, vae = model.pipe.unet, model.pipe.vae
+    unet, vae = denoiser(model.pipe), model.pipe.vae
     if on:
         unet.enable_gradient_checkpointing(bank.checkpoint)
         vae.enable_gradient_checkpointing()

@@ -9,6 +9,7 @@ import torch
 
 from conceptkit import capacity
 from conceptkit.harvest import HarvestConfig
+from conceptkit.models.flow import native_size
 from conceptkit.sliders.calibrate import images_to_measure
 from conceptkit.sliders.train import encode_conditioning, predict_x0
 
@@ -37,12 +38,12 @@ class Plan:
 
 
 def latent_shape(model, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-    unet, pipe = model.pipe.unet, model.pipe
+    pipe = model.pipe
     scale = getattr(pipe, "vae_scale_factor", 8)
-    side = int(unet.config.sample_size)
+    side = native_size(pipe) // scale  # FLUX / SD3 included: the latent grid, not FLUX's packed tokens
     h = (height // scale) if height else side
     w = (width // scale) if width else side
-    return int(unet.config.in_channels), h, w
+    return int(pipe.vae.config.latent_channels), h, w
 
 
 def measure_unet_call(model, prompt: str, guidance: float, shape: tuple[int, int, int], batch: int, repeats: int = 2) -> float:

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from conceptkit import store
 from conceptkit.diffusion import Conditioning, conditioning, decode, window_steps, x0_from_output  # noqa: F401  window_steps: the slider window
+from conceptkit.diffusion_flow import flow_conditioning, flow_predict_x0
 from conceptkit.errors import UsageError
+from conceptkit.models.flow import is_flow
 from conceptkit.sliders.bank import SliderBank
 
 Progress = Callable[..., None]
@@ -105,6 +107,8 @@ def slider_loss(shift: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -
 
 def encode_conditioning(model, prompts: list[str], guidance: float, size: tuple[int, int]) -> Conditioning:
     """Prompt embeddings as the pipeline makes them (empty negative prompt); `size` is (height, width)."""
+    if is_flow(model):  # FLUX (guidance embedded, one batch) and SD3 (CFG over [uncond; cond])
+        return flow_conditioning(model, prompts, guidance=guidance > 1.0 and model.arch == "sd3")
     return conditioning(model, prompts, size[0], size[1], guidance=guidance > 1.0)
 
 
@@ -122,6 +126,8 @@ def predict_x0(model, xt: torch.Tensor, t: torch.Tensor, cond: Conditioning, pro
     Args:
         xt: (N, C, h, w) latents; t: (N,) timesteps; prompt_idx: (N,) rows of `cond`.
     """
+    if is_flow(model):
+        return flow_predict_x0(model, xt, t, cond, prompt_idx, guidance)
     unet, sched = model.pipe.unet, model.pipe.scheduler
     dtype = unet.dtype
     x = xt.to(model.device, dtype)
