@@ -51,8 +51,11 @@ def _portable(path: Path, vl: torch.Tensor, vg: torch.Tensor) -> Path:
 
 @pytest.mark.parametrize("method", [["--method", "temporal", "-D", "2"], ["--method", "xti"]], ids=["temporal", "xti"])
 def test_temporal_and_xti_train_on_tiny_sdxl_and_generate_and_cluster_read_them(tmp_path, method):
-    doc = json.loads(runner.invoke(app, ["implant", str(_noise(tmp_path / "imgs")), "--model", "tiny-sdxl", "--token", "<noise>",
-                                         "--init-word", "dog", "--train-steps", "4", *method, "--json"]).stdout)
+    args = ["implant", str(_noise(tmp_path / "imgs")), "--model", "tiny-sdxl", "--token", "<noise>", "--init-word", "dog",
+            "--train-steps", "4", *method, "--json"]
+    doc = json.loads(runner.invoke(app, args).stdout)
+    again = json.loads(runner.invoke(app, args).stdout)  # a rerun is a cache hit (read back from the SDXL layout)
+    assert again["cached"] is True and again["embedding"] == doc["embedding"] and doc["cached"] is False
     own, portable = load_file(doc["embedding"]), load_file(doc["portable_embedding"])
     wl, wg = _widths(load_model("tiny-sdxl"))
     rows = 2 if "temporal" in method else len(cross_attention_names(load_model("tiny-sdxl").pipe.unet))
@@ -172,3 +175,32 @@ def test_an_sdxl_temporal_or_xti_file_for_another_model_is_refused_in_one_line(t
                                   "--steps", "2", "--out", str(tmp_path / "gen")])
         assert out.exit_code == 2 and fragment in one_line_error(out), (spec, path.name, out.output)
     assert not (tmp_path / "gen").exists()
+
+
+def test_an_interrupted_sdxl_temporal_training_resumes_to_the_same_vectors(tmp_path, monkeypatch):
+    from conceptkit.implant import train as implant_train
+    from conceptkit.implant.token import LearnedToken
+
+    monkeypatch.setattr(implant_train, "CHECKPOINT_EVERY", 2)
+    model0 = load_model("tiny-sdxl")
+    starts = [v.expand(2, -1).clone() for v in init_vectors(model0, "dog")]
+    latents = torch.randn(2, model0.pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+
+    def train(ckpt, progress=None):
+        model = load_model("tiny-sdxl")
+        words = [LearnedToken(model, "<n>", v, tower) for tower, v in enumerate(starts)]
+        implant_train.train(model, words, latents, steps=5, lr=1e-2, batch_size=2, seed=0, templates=("a {}",),
+                            checkpoint=ckpt, key="k", progress=progress)
+        return [w.vector.detach().clone() for w in words]
+
+    straight = train(tmp_path / "a.safetensors")
+
+    def stop(done, total, **_):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b.safetensors", stop)
+    resumed = train(tmp_path / "b.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight, strict=True))
+    assert not torch.allclose(straight[1][0], starts[1][0])  # the second tower's vectors moved

@@ -6,9 +6,10 @@ The artifact is keyed on the model's weights, the images' bytes and every settin
 result, so a rerun is a cache hit. The embedding file holds one tensor, `emb_params` (1, d): the
 single-tensor layout A1111 and ComfyUI read from their embeddings folders, and that diffusers'
 `load_textual_inversion(path, token=...)` reads; its metadata names the token, the method, the base
-model and the training (SDXL: `clip_l` and `clip_g`, one per text tower; a temporal or xti word
-also writes all its vectors in conceptkit's own layout, `vectors` or `vectors_l`/`vectors_g`). After a run the loaded pipeline knows the token (as `--embedding` would
-have taught it), and `run` returns the model whose fingerprint says so.
+model and the training (SDXL: `clip_l` and `clip_g`, one per text tower). A temporal or xti word
+writes the mean of its vectors there, and all of them in conceptkit's own layout beside it, `vectors`
+or, on SDXL, `vectors_l`/`vectors_g`. After a run the loaded pipeline knows the token (as
+`--embedding` would have taught it), and `run` returns the model whose fingerprint says so.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ token, minimised over the token's input embedding alone (Gal et al. 2022, Eq. 2)
 (the temporal extension of the prompt space, as Picasso and ProSpect use it), a sample at timestep t
 trains the vector of t's group, floor(t * D / num_train_timesteps). With one vector per
 cross-attention layer (P+'s extended prompt space, Voynov et al. 2023), layer g of the UNet sees the
-captions encoded with vector g.
+captions encoded with vector g. On SDXL both text towers' vectors are learned together; the pooled
+embedding follows a sample's group under temporal, and is the mean vectors' under xti (no
+cross-attention layer sees it; sampling does the same, `diffusion.words_in_layers`).
 
 Each step draws `batch_size` images, a caption template each, a timestep uniform in
 [0, num_train_timesteps) and fresh noise, all from (seed, step), so a resumed run continues the
