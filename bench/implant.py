@@ -20,6 +20,7 @@ Two concepts, each learned from `--images` images drawn by the toy world's rende
   and the mean of those words' vectors (an untrained mix of known words). Editability: the
   analyser (colour tolerance off: it cannot name the colour) reads the named position, background
   or size of "a <token> at the top left" etc., and the foreground distance of those images.
+- with --temporal and --xti, amber is also learned with those methods (the same measures for the word).
 - an unseen shape: apex-down triangles (the toy only drew them apex up) under "<down>", started from
   "triangle". An image holds an apex-down triangle when the analyser reads a triangle in it
   upside down.
@@ -137,19 +138,40 @@ def _unseen_colour(name: str, rgb: tuple[int, int, int], init: str, known: list[
            "shapes_read": {"references": _shapes(refs), **{k: _shapes(v) for k, v in drawn.items()}}}
     best = min(known, key=lambda w: out["foreground_distance"][f"'{w}' (known word)"])
     out["best_known_word"] = best
-    edits, edit_rows = {}, []
+    learned, edit_images = _edits(m, f"<{name}>", rgb, seeds)
+    known_word, _ = _edits(m, f"{best} shape", rgb, seeds)
+    out["editability"] = {label: {f"<{name}>": learned[label], best: known_word[label]} for label in EDIT_PHRASES}
+    return out, [refs[:8], drawn[f"<{name}> (learned)"][:8], drawn[f"'{best}' (known word)"][:8], *([edit_images[:8]] if edit_row else [])]
+
+
+def _edits(model, word: str, rgb, seeds) -> tuple[dict, np.ndarray]:
+    """Per edit of `EDIT_PHRASES`: the share of images the analyser (colour aside) reads as asked, and their
+    foreground distance to `rgb`; and the "top left" images."""
+    out, top_left = {}, None
     for label, (phrase, want) in EDIT_PHRASES.items():
-        row = {}
-        for who, word, model in ((f"<{name}>", f"<{name}>", m), (best, f"{best} shape", m)):
-            images = _draw(model, phrase.format(word), seeds)
-            reads = _readings(images, colour_blind=True)
-            row[who] = {"read_as_asked": float(np.mean([r.valid and all(r.factors[k] == v for k, v in want.items()) for r in reads])),
-                        "foreground_distance": _foreground_distance(images, rgb)}
-            if who == f"<{name}>" and label == "top left" and edit_row:
-                edit_rows.append(images[:8])
-        edits[label] = row
-    out["editability"] = edits
-    return out, [refs[:8], drawn[f"<{name}> (learned)"][:8], drawn[f"'{best}' (known word)"][:8], *edit_rows]
+        images = _draw(model, phrase.format(word), seeds)
+        reads = _readings(images, colour_blind=True)
+        out[label] = {"read_as_asked": float(np.mean([r.valid and all(r.factors[k] == v for k, v in want.items()) for r in reads])),
+                      "foreground_distance": _foreground_distance(images, rgb)}
+        top_left = images if top_left is None else top_left
+    return out, top_left
+
+
+def _colour_method(name: str, rgb, init: str, scenes, seeds, steps: int, encoder, method: str, d: int) -> dict:
+    """An unseen colour learned with `method` (temporal at D = d, or xti): the measures of `_unseen_colour` for the word."""
+    from conceptkit.implant.pipeline import ImplantConfig, run
+    from conceptkit.models.load import load_model
+    from conceptkit.toy.world import render
+
+    refs = render(scenes, foreground=rgb)
+    t0 = time.perf_counter()
+    m = run(load_model("toy"), ImplantConfig(images=_folder(refs), token=f"<{name}>", init_word=init, steps=steps,
+                                             method=method, temporal_dim=d)).model
+    train_s = round(time.perf_counter() - t0, 1)
+    images = _draw(m, f"a <{name}>", seeds)
+    return {"train_seconds": train_s, "foreground_distance": _foreground_distance(images, rgb), "foreground_distance_se": _foreground_se(images, rgb),
+            "toy_clip_similarity_to_references": _similarity(encoder, images, refs), "shapes_read": _shapes(images),
+            "editability": _edits(m, f"<{name}>", rgb, seeds)[0]}
 
 
 def _foreground_se(images: np.ndarray, rgb: tuple[int, int, int]) -> float:
@@ -180,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
-    p.add_argument("--temporal", default="", help="also learn the composition with --method temporal at these D, e.g. 1,2,3,4")
-    p.add_argument("--xti", action="store_true", help="also learn the composition with --method xti")
+    p.add_argument("--temporal", default="", help="also learn the composition and amber with --method temporal at these D, e.g. 1,2,3,4")
+    p.add_argument("--xti", action="store_true", help="also learn the composition and amber with --method xti")
     p.add_argument("--no-composition", action="store_true", help="skip the red-diamond composition (and --temporal, --xti)")
     p.add_argument("--grid", default=None, help="write a PNG: per concept, references, the learned word, the init word or best known word, an edit (8 each)")
     a = p.parse_args(argv)
@@ -241,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
                                    ("brown", (139, 69, 19), "orange", ["orange", "red"])):
         out["unseen_colour"][name], rows = _unseen_colour(name, rgb, init, known, scenes, seeds, a.steps, encoder, edit_row=name == "amber")
         rows_img += rows if name != "violet" else []
+    # 2b. amber, the unseen colour the toy can draw, with the temporal extension at each D and with xti
+    for method, d in [("temporal", int(x)) for x in a.temporal.split(",") if x] + ([("xti", 1)] if a.xti else []):
+        out.setdefault("amber_methods", {})[f"temporal {d}" if method == "temporal" else "xti"] = _colour_method(
+            "amber", (243, 175, 10), "orange", scenes, seeds, a.steps, encoder, method, d)
     # 3. a shape the toy never drew: apex-down triangles
     refs = render([dataclasses.replace(s, shape="triangle") for s in scenes])[:, ::-1].copy()  # the flip mirrors the position too
     t0 = time.perf_counter()

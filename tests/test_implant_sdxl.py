@@ -65,6 +65,11 @@ def test_temporal_and_xti_train_on_tiny_sdxl_and_generate_and_cluster_read_them(
     assert sorted(portable) == ["clip_g", "clip_l"]
     assert torch.allclose(portable["clip_l"][0], own["vectors_l"].mean(0), atol=1e-6)
     assert torch.allclose(portable["clip_g"][0], own["vectors_g"].mean(0), atol=1e-6)
+    pipe = load_model("tiny-sdxl").pipe  # diffusers loads the portable file tower by tower, as for ti
+    pipe.load_textual_inversion(portable["clip_l"][0], token="<noise>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(portable["clip_g"][0], token="<noise>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    row = pipe.text_encoder_2.get_input_embeddings().weight[pipe.tokenizer_2.convert_tokens_to_ids("<noise>")]
+    assert torch.allclose(row.detach().float(), own["vectors_g"].mean(0), atol=1e-6)
     with safe_open(doc["embedding"], framework="pt") as f:
         meta = f.metadata()
     assert meta["method"] == method[1] and meta["base_model_arch"] == "sdxl"
