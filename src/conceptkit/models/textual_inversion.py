@@ -131,7 +131,7 @@ def add_embedding(model, path: str | Path, token: str):
     """A copy of `model` (same pipeline object, modified in place) whose tokenizer knows `token`.
 
     Args:
-        model: a `LoadedModel` (SD 1.x/2.x: one tokenizer and text encoder).
+        model: a `LoadedModel` (SD 1.x/2.x: one tokenizer and text encoder; SDXL: two, each getting its own vector).
         path: the embedding's safetensors file.
         token: the new word, e.g. "<my-concept>"; it must not be a word the tokenizer already knows.
     """
