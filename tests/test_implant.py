@@ -160,7 +160,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([str(good), "--token", "<t>", *base, "--method", "pplus"], "--method"),
         ([str(good), "--token", "<t>", *base, "--lr", "0"], "--lr"),
         ([str(good), "--token", "<t>", "--init-word", "shape", "--train-steps", "0"], "--train-steps"),
-        ([str(good), "--token", "<t>", *base, "--model", "tiny-sdxl", "--method", "temporal"], "SD 1.x/2.x"),
+        ([str(good), "--token", "<t>", *base, "--method", "temporal", "-D", "17"], "--temporal-dim"),
     ]
     for args, fragment in cases:
         assert fragment in one_line_error(runner.invoke(app, ["implant", *args])), args

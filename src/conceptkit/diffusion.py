@@ -159,19 +159,32 @@ def token_groups(model, timestep: int) -> tuple[int, ...]:
     return tuple(int(timestep_groups([timestep], len(vectors), n_train)[0]) for _, vectors in model.tokens_in_time)
 
 
+def _tower_rows(model, rows: Sequence[tuple[Any, torch.Tensor]]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(table, token id, vector) per text tower of each (token id, vector) of `rows`. On SDXL the id
+    is (CLIP-L id, OpenCLIP-G id) and the vector both towers' vectors end to end."""
+    pipe = model.pipe
+    tables = [e.get_input_embeddings().weight for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    out = []
+    for ids, vector in rows:
+        ids = ids if isinstance(ids, tuple) else (ids,)
+        parts = vector.split([t.shape[1] for t in tables[:len(ids)]], dim=-1)
+        out += [(table, int(i), v) for table, i, v in zip(tables, ids, parts, strict=True)]
+    return out
+
+
 @contextmanager
-def _table_rows(model, rows: Sequence[tuple[int, torch.Tensor]]) -> Iterator[None]:
+def _table_rows(model, rows: Sequence[tuple[Any, torch.Tensor]]) -> Iterator[None]:
     """Inside the block, each (token id, vector) of `rows` is that token's embedding row; the rows come back after."""
-    table = model.pipe.text_encoder.get_input_embeddings().weight
-    saved = [(token_id, table[token_id].detach().clone()) for token_id, _ in rows]
+    rows = _tower_rows(model, rows)
+    saved = [(table, token_id, table[token_id].detach().clone()) for table, token_id, _ in rows]
     try:
         with torch.no_grad():
-            for token_id, vector in rows:
+            for table, token_id, vector in rows:
                 table[token_id] = vector.to(table.device, table.dtype)
         yield
     finally:
         with torch.no_grad():
-            for token_id, row in saved:
+            for table, token_id, row in saved:
                 table[token_id] = row
 
 
@@ -189,7 +202,8 @@ def token_rows(model, timestep: int | None) -> Iterator[None]:
 class _WordsInTime:
     """A UNet pre-hook for sampling with learned words in time: the prompt rows of the UNet's text
     conditioning (the last len(prompts) rows: the pipeline's batch is [uncond; cond] with guidance)
-    are re-encoded with each word's vector for the current timestep's group."""
+    are re-encoded with each word's vector for the current timestep's group (on SDXL both towers,
+    and the pooled `text_embeds` rows with them)."""
 
     def __init__(self, model, prompts: Sequence[str]):
         self.model, self.prompts, self.n = model, list(prompts), len(prompts)
@@ -201,10 +215,14 @@ class _WordsInTime:
         t = int(t.flatten()[0]) if isinstance(t, torch.Tensor) else int(t)
         groups = token_groups(self.model, t)
         if groups not in self.cache:
-            self.cache[groups] = conditioning(self.model, self.prompts, 0, 0, guidance=False, timestep=t).cond
-        states = kwargs["encoder_hidden_states"]
-        cond = self.cache[groups].to(states.dtype)
-        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([states[:states.shape[0] - self.n], cond])}
+            self.cache[groups] = conditioning(self.model, self.prompts, 0, 0, guidance=False, timestep=t)
+        states, cond = kwargs["encoder_hidden_states"], self.cache[groups]
+        kwargs = {**kwargs, "encoder_hidden_states": torch.cat([states[:states.shape[0] - self.n], cond.cond.to(states.dtype)])}
+        added = kwargs.get("added_cond_kwargs")
+        if added and cond.added_cond:  # SDXL: the pooled embedding of the same prompts, with the same vectors
+            pooled = added["text_embeds"]
+            kwargs["added_cond_kwargs"] = {**added, "text_embeds": torch.cat([pooled[:pooled.shape[0] - self.n],
+                                                                               cond.added_cond["text_embeds"].to(pooled.dtype)])}
         return args, kwargs
 
     def remove(self) -> None:
@@ -218,7 +236,9 @@ def words_in_layers(model, prompts: Sequence[str]) -> Iterator[None]:
 
     The UNet's text conditioning is made with the word's mean vector (its table row); each layer's
     pre-hook replaces the rows that are one of `prompts` encoded that way by the same prompt encoded
-    with the layer's vector. Rows of other text (the empty negative prompt) stay as they are.
+    with the layer's vector. Rows of other text (the empty negative prompt) stay as they are. On
+    SDXL the layers' states hold both towers' encodings with the layer's vectors, and the pooled
+    `text_embeds`, which no cross-attention layer sees, stays the mean vector's (as in training).
     """
     if not model.tokens_in_layers:
         yield

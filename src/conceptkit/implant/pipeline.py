@@ -6,8 +6,10 @@ The artifact is keyed on the model's weights, the images' bytes and every settin
 result, so a rerun is a cache hit. The embedding file holds one tensor, `emb_params` (1, d): the
 single-tensor layout A1111 and ComfyUI read from their embeddings folders, and that diffusers'
 `load_textual_inversion(path, token=...)` reads; its metadata names the token, the method, the base
-model and the training. After a run the loaded pipeline knows the token (as `--embedding` would
-have taught it), and `run` returns the model whose fingerprint says so.
+model and the training (SDXL: `clip_l` and `clip_g`, one per text tower). A temporal or xti word
+writes the mean of its vectors there, and all of them in conceptkit's own layout beside it, `vectors`
+or, on SDXL, `vectors_l`/`vectors_g`. After a run the loaded pipeline knows the token (as
+`--embedding` would have taught it), and `run` returns the model whose fingerprint says so.
 """
 
 from __future__ import annotations
@@ -143,13 +145,15 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
         tmp.mkdir(parents=True)
         try:
             meta = _file_metadata(manifest, model)
+            # one vector per tower (a temporal or xti word's mean over its groups or layers, what other tools can use)
             if len(vecs) == 2:  # SDXL: A1111's and ComfyUI's two-tower layout
-                portable = {"clip_l": vecs[0][None].contiguous(), "clip_g": vecs[1][None].contiguous()}
-            else:  # one vector (a temporal word's mean over its groups, what other tools can use)
-                portable = {"emb_params": (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()}
+                portable = {"clip_l": _mean_row(vecs[0]), "clip_g": _mean_row(vecs[1])}
+            else:
+                portable = {"emb_params": _mean_row(vec)}
             save_file(portable, str(tmp / EMBEDDING_FILE), metadata={**meta, "method": "ti" if vec.ndim == 1 else f"{cfg.method}-mean"})
             if vec.ndim == 2:  # conceptkit's own layout: every group's or layer's vector (generate and cluster read it)
-                save_file({"vectors": vec.contiguous()}, str(tmp / (LAYERS_FILE if layers else TEMPORAL_FILE)),
+                own = {"vectors": vec} if len(vecs) == 1 else {"vectors_l": vecs[0], "vectors_g": vecs[1]}  # SDXL: (D or G, d) per tower
+                save_file({k: v.contiguous() for k, v in own.items()}, str(tmp / (LAYERS_FILE if layers else TEMPORAL_FILE)),
                           metadata={**meta, **({"layers": json.dumps(layers)} if layers else {})})
             store.Artifact("implant", key, tmp).write_manifest(manifest)
             store.publish(tmp, art.path)
@@ -160,8 +164,15 @@ def run(model, cfg: ImplantConfig, progress: Callable[..., None] | None = None, 
 
 
 def _knowing(model, words: list[LearnedToken], token: str, vecs: list[torch.Tensor], layers: bool = False):
-    """The model that knows the word, as `--embedding` with the file would give it."""
-    return knowing(model, token, words[0].id, vecs[0] if len(vecs) == 1 else torch.cat(vecs), in_layers=layers)
+    """The model that knows the word, as `--embedding` with the file would give it (SDXL: the token's
+    id in each tower, and both towers' vectors end to end)."""
+    ids = words[0].id if len(words) == 1 else tuple(w.id for w in words)
+    return knowing(model, token, ids, vecs[0] if len(vecs) == 1 else torch.cat(vecs, dim=-1), in_layers=layers)
+
+
+def _mean_row(vec: torch.Tensor) -> torch.Tensor:
+    """(1, d): the vector, or the mean of (D, d) vectors."""
+    return (vec if vec.ndim == 1 else vec.mean(0))[None].contiguous()
 
 
 def _size(model) -> tuple[int, int]:
@@ -175,7 +186,8 @@ def _read_vectors(folder: Path, manifest: dict[str, Any]) -> list[torch.Tensor]:
     from safetensors.torch import load_file
 
     if manifest.get("temporal_file") or manifest.get("layers_file"):
-        return [load_file(str(folder / (manifest.get("temporal_file") or manifest["layers_file"])))["vectors"].float()]
+        own = load_file(str(folder / (manifest.get("temporal_file") or manifest["layers_file"])))
+        return [own["vectors_l"].float(), own["vectors_g"].float()] if "vectors_l" in own else [own["vectors"].float()]
     tensors = load_file(str(folder / manifest["file"]))
     if "clip_l" in tensors:
         return [tensors["clip_l"][0].float(), tensors["clip_g"][0].float()]

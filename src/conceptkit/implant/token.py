@@ -1,4 +1,4 @@
-"""A new token in a loaded SD 1.x/2.x pipeline whose input embedding is a trainable vector.
+"""A new token in a loaded SD 1.x/2.x or SDXL pipeline whose input embedding is a trainable vector (one per text tower).
 
 The pipeline is changed in place (its tokenizer gains the token), as loading an embedding does.
 
@@ -32,9 +32,12 @@ def check_new_token(model, token: str) -> None:
             raise UsageError(f"--token {token!r} is already a word of {model.spec}'s tokenizer; pick a new one, e.g. '<{token.strip('<>')}-ti>'")
 
 
+SUPPORTED_ARCHS = ("sd1", "sd2", "sdxl")  # CLIP text towers with an input embedding table and a UNet with cross-attention
+
+
 def check_supported(model, method: str) -> None:
-    if method != "ti" and model.arch == "sdxl":  # temporal and xti sit on the first tower's table
-        raise UsageError(f"--method {method} supports SD 1.x/2.x models (one text tower); {model.spec} is SDXL: use --method ti")
+    if model.arch not in SUPPORTED_ARCHS:
+        raise UsageError(f"--method {method}: implant supports SD 1.x/2.x and SDXL models; {model.spec} is {model.arch}")
 
 
 def init_vectors(model, init_word: str) -> list[torch.Tensor]:
@@ -59,8 +62,9 @@ def init_vector(model, init_word: str) -> torch.Tensor:
 class LearnedToken:
     """`token` in the pipeline's tokenizer, its embedding row replaced by a learned vector while installed.
 
-    `vector` is (d,), or (D, d) for one vector per timestep group (`implant --method temporal`):
-    set `rows` to each caption's group before encoding a batch.
+    `vector` is (d,), or (D, d) for one vector per timestep group or layer (`implant --method
+    temporal` / `xti`): set `rows` to each caption's group before encoding a batch; row D stands for
+    the mean of the D vectors (what the table holds once finished: SDXL's pooled embedding under xti).
     """
 
     def __init__(self, model, token: str, vector: torch.Tensor, tower: int = 0):
@@ -77,7 +81,11 @@ class LearnedToken:
     def _swap(self, _module, inputs, output):
         ids = inputs[0]
         where = (ids == self.id).unsqueeze(-1)
-        vec = self.vector if self.vector.ndim == 1 else self.vector[self.rows.to(self.vector.device)][:, None, :]
+        if self.vector.ndim == 1:
+            vec = self.vector
+        else:
+            rows = torch.cat([self.vector, self.vector.mean(0, keepdim=True)])  # row D: the mean
+            vec = rows[self.rows.to(self.vector.device)][:, None, :]
         return torch.where(where, vec.to(output.dtype), output)
 
     def finish(self) -> torch.Tensor:

@@ -3,7 +3,9 @@ token, minimised over the token's input embedding alone (Gal et al. 2022, Eq. 2)
 (the temporal extension of the prompt space, as Picasso and ProSpect use it), a sample at timestep t
 trains the vector of t's group, floor(t * D / num_train_timesteps). With one vector per
 cross-attention layer (P+'s extended prompt space, Voynov et al. 2023), layer g of the UNet sees the
-captions encoded with vector g.
+captions encoded with vector g. On SDXL both text towers' vectors are learned together; the pooled
+embedding follows a sample's group under temporal, and is the mean vectors' under xti (no
+cross-attention layer sees it; sampling does the same, `diffusion.words_in_layers`).
 
 Each step draws `batch_size` images, a caption template each, a timestep uniform in
 [0, num_train_timesteps) and fresh noise, all from (seed, step), so a resumed run continues the
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +63,29 @@ def loss_at(model, learned, latents: torch.Tensor, batch: Batch, layers: bool = 
     words = _words(learned)
     pipe, device = model.pipe, model.device
     if words[0].vector.ndim == 2 and not layers:  # one vector per timestep group: each caption takes its timestep's
-        groups = timestep_groups(batch.t, words[0].vector.shape[0], int(pipe.scheduler.config.num_train_timesteps))
-        words[0].rows = torch.from_numpy(groups)
+        groups = torch.from_numpy(timestep_groups(batch.t, words[0].vector.shape[0], int(pipe.scheduler.config.num_train_timesteps)))
+        for word in words:  # on SDXL both towers' vectors of the group, so the pooled embedding follows the group too
+            word.rows = groups
     x0 = latents[batch.index].to(device, pipe.unet.dtype)
     noise = batch.noise.to(device, pipe.unet.dtype)
     t = batch.t.to(device)
     xt = pipe.scheduler.add_noise(x0, noise, t)
     if model.arch == "sdxl":  # both towers, the pooled embedding and SDXL's size conditioning
-        pe, _, pooled, _ = pipe.encode_prompt(prompt=batch.captions, device=device, num_images_per_prompt=1,
+        captions, b = list(batch.captions), len(batch.captions)
+        n_layers = words[0].vector.shape[0] if layers else 0
+        if layers:  # the captions once per layer's vectors, then once with their mean (the pooled embedding's)
+            for word in words:
+                word.rows = torch.arange(n_layers + 1).repeat_interleave(b)
+            captions = captions * (n_layers + 1)
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
+        pe = pe.to(pipe.unet.dtype)
+        states = pe[: n_layers * b].view(n_layers, b, *pe.shape[1:])
+        pe, pooled = pe[n_layers * b:], pooled[n_layers * b:]
         side = x0.shape[-1] * pipe.vae_scale_factor
         added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(side, side, len(t), device, pe.dtype)}
-        out = pipe.unet(xt, t, encoder_hidden_states=pe.to(pipe.unet.dtype), added_cond_kwargs=added).sample
+        with _layer_states(pipe.unet, states) if layers else nullcontext():
+            out = pipe.unet(xt, t, encoder_hidden_states=pe, added_cond_kwargs=added).sample
     elif layers:  # one vector per cross-attention layer: the captions encoded once per layer, in one batch
         n_layers, b = words[0].vector.shape[0], len(batch.captions)
         words[0].rows = torch.arange(n_layers).repeat_interleave(b)
