@@ -169,6 +169,8 @@ def cmd_factors(a) -> dict:
 
 def cmd_stages(a) -> dict:
     """Where the set loses purity: PCA, training and images, each against its ceiling (bench/stages.py)."""
+    if __package__ in (None, ""):  # run as `python bench/sliders.py`: bench/ itself is on the path, not its parent
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench import stages
 
     return stages.run(a)
@@ -224,7 +226,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--scenes", type=int, default=4000, help="stages: rendered world scenes behind the factor subspaces")
     p.add_argument("--images", type=Path, default=None, help="stages: a `factors --out` .npz (the image-shift stage)")
-    p.add_argument("--pca-samples", default="16,64", help="stages: harvest sizes of the PCA variants, comma-separated")
+    p.add_argument("--pca-samples", default="16,64,256", help="stages: harvest sizes of the PCA variants, comma-separated")
     p.add_argument("--sweep", action="store_true", help="stages: also retrain the set with one training setting changed at a time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")

@@ -92,7 +92,7 @@ def subspace_overlap(bases: dict[str, np.ndarray], emb: np.ndarray) -> tuple[dic
 
 
 def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, np.ndarray]:
-    """Top-k PCA directions of the set's harvest and of variants of it: more trajectories, final x0, window only, whitened."""
+    """Top-k PCA directions of the set's harvest and of variants of it: more trajectories, final x0, window only, ICA."""
     from conceptkit import harvest
     from conceptkit.diffusion import decode_batched
     from conceptkit.diffusion import window_steps
@@ -109,6 +109,8 @@ def pca_variants(model, sset, encoder, k: int, samples: list[int]) -> dict[str, 
         first = window_steps(steps, float(sset.manifest.get("start", 0.1)))
         out[f"all x0, {n} trajectories"] = principal_directions(emb.reshape(n * steps, -1), k).components
         out[f"final x0, {n} trajectories"] = principal_directions(emb[:, -1], min(k, n - 1)).components
+        out[f"ICA of final x0, {n} trajectories"] = principal_directions(emb[:, -1], min(k, n - 1), method="ica").components
+        out[f"ICA of all x0, {n} trajectories"] = principal_directions(emb.reshape(n * steps, -1), k, method="ica").components
         out[f"x0 from step {first}, {n} trajectories"] = principal_directions(emb[:, first:].reshape(-1, emb.shape[-1]), k).components
         late = steps // 2
         out[f"x0 from step {late}, {n} trajectories"] = principal_directions(emb[:, late:].reshape(-1, emb.shape[-1]), k).components
@@ -224,7 +226,8 @@ def run(a) -> dict:
     bases, world = factor_bases(encoder, a.scenes)
     log("  factor subspace dimensions: " + ", ".join(f"{g} {len(b)}" for g, b in bases.items()))
     pca = {"set (as trained)": describe(directions, bases),
-           "ceiling: PCA of rendered scenes": describe(principal_directions(world, k).components, bases)}
+           "ceiling: PCA of rendered scenes": describe(principal_directions(world, k).components, bases),
+           "ceiling: ICA of rendered scenes": describe(principal_directions(world, k, method="ica").components, bases)}
     for name, d in pca_variants(model, sset, encoder, k, [int(x) for x in a.pca_samples.split(",")]).items():
         pca[name] = describe(d, bases)
     by_samples = ceiling_by_samples(encoder, bases, k)

@@ -26,7 +26,7 @@ from conceptkit.cli.common import (
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw, e.g. 'a dog'.", show_default=False)],
     model: ModelOpt = None,
-    slider: Annotated[Optional[list[str]], typer.Option("--slider", "-s", help="[SET/]LABEL_OR_INDEX=SCALE, repeatable; sliders add up. Without SET: the set trained for this prompt and model. On the toy, strengths of 3-4 change images visibly (2 barely does; docs/sliders.md).", show_default=False)] = None,
+    slider: Annotated[Optional[list[str]], typer.Option("--slider", "-s", help="[SET/]LABEL_OR_INDEX=SCALE, repeatable; sliders add up. Without SET: the set trained for this prompt and model. Sets are calibrated so that +-2 is a visible change (docs/sliders.md).", show_default=False)] = None,
     random_sliders: Annotated[int, typer.Option("--random-sliders", help="Each image gets N random sliders at random strengths (recorded in the PNG).")] = 0,
     random_scale: Annotated[float, typer.Option("--random-scale", help="Random strengths are uniform in [-x, x].")] = 2.0,
     slider_set: Annotated[Optional[str], typer.Option("--set", help="The set --random-sliders draws from. Default: the prompt's set.", show_default=False)] = None,

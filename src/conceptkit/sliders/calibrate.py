@@ -42,6 +42,7 @@ class Calibration:
     sigma: np.ndarray  # (K,) std of the harvested final images' embeddings along each direction
     before: np.ndarray  # (K,) response at strength 1 before calibration (shift per side / sigma)
     after: np.ndarray  # (K,) the same at the calibrated scale
+    shift: np.ndarray  # (K, d) mean embedding of the final images at +1 minus at -1, calibrated
     note: str = ""  # why c stayed 1, when it did
 
     def to_json(self) -> dict:
@@ -86,13 +87,14 @@ class _Window:
 
 
 def response(model, bank, encoder, prompt: str, directions: np.ndarray, sigma: np.ndarray, *, scale: float, seeds: int,
-             steps: int, guidance: float, start: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """(K,) mean shift per side along each slider's direction at strength +-`scale`, over `seeds` seeds, in units of sigma."""
+             steps: int, guidance: float, start: float, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """At strength +-`scale`: (K,) mean shift per side along each slider's direction over `seeds` seeds, in units of
+    sigma, and the (K, d) mean embedding shift between the +scale and -scale images."""
     k = bank.num_sliders
     window = _Window(bank, start, guidance > 1.0 and getattr(model, "arch", "") != "flux")  # FLUX's guidance is embedded: one batch
     seed_list = [SEED_BASE + i for i in range(seeds)]
     v = torch.as_tensor(np.asarray(directions), dtype=torch.float32)
-    out = np.zeros(k)
+    out, shift = np.zeros(k), np.zeros((k, v.shape[1]))
     try:
         for slider in range(k):
             ends = []
@@ -103,10 +105,11 @@ def response(model, bank, encoder, prompt: str, directions: np.ndarray, sigma: n
                 ends.append(encoder.embed(sample(model, prompt, seed_list, steps, guidance, [window])))
                 if progress:
                     progress(seeds)
-            out[slider] = float(((ends[1] - ends[0]) @ v[slider]).mean()) / 2
+            shift[slider] = (ends[1] - ends[0]).mean(0).numpy()
+            out[slider] = float(shift[slider] @ v[slider].numpy()) / 2
     finally:
         bank.set_dense_routing(None)
-    return out / np.maximum(np.asarray(sigma, np.float64), 1e-12)
+    return out / np.maximum(np.asarray(sigma, np.float64), 1e-12), shift
 
 
 def calibrate(model, bank, encoder, prompt: str, directions: np.ndarray, final_embeddings: np.ndarray, *, seeds: int,
@@ -114,23 +117,23 @@ def calibrate(model, bank, encoder, prompt: str, directions: np.ndarray, final_e
     """Find c (see the module doc), fold it into the bank's lora_B and return what was measured."""
     sigma = spread(final_embeddings, directions)
 
-    def measure(c: float) -> np.ndarray:
+    def measure(c: float) -> tuple[np.ndarray, np.ndarray]:
         return response(model, bank, encoder, prompt, directions, sigma, scale=c, seeds=seeds, steps=steps,
                         guidance=guidance, start=start, progress=progress)
 
-    before = measure(1.0)
+    before, shift0 = measure(1.0)
     r0 = float(before.mean())
     c1 = next_scale(1.0, r0)
-    r1 = float(measure(c1).mean())
+    r1 = float(measure(c1)[0].mean())
     c = next_scale(1.0, r0, c1, r1)
-    after = measure(c)
+    after, shift = measure(c)
     note = ""
     if not float(after.mean()) > 0:
-        c, after, note = 1.0, before, "the sliders do not move the images along their directions: left at scale 1"
+        c, after, shift, note = 1.0, before, shift0, "the sliders do not move the images along their directions: left at scale 1"
     with torch.no_grad():
         for b in bank.lora_B:
             b.mul_(c)
-    return Calibration(float(c), TARGET, seeds, sigma, before, after, note)
+    return Calibration(float(c), TARGET, seeds, sigma, before, after, shift, note)
 
 
 def images_to_measure(count: int, seeds: int) -> int:
