@@ -68,6 +68,31 @@ def test_float32_stored_weights_keep_their_fingerprint_in_a_half_run(flux_folder
     assert half.fingerprint == load_model("tiny-flux", device="cpu").fingerprint
 
 
+def test_a_bf16_flux_single_file_loads_in_bf16_with_its_fingerprint(flux_folders, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from _clients import flux_bfl_state_dict
+    from conceptkit.models import single_file
+
+    seen = []
+    real = single_file.load_flow_transformer
+
+    def spy(*args):
+        transformer = real(*args)
+        seen.append({p.dtype for p in transformer.parameters()})
+        return transformer
+
+    monkeypatch.setattr(single_file, "load_flow_transformer", spy)
+
+    fp32, bf16 = flux_folders
+    state = flux_bfl_state_dict(load_model(str(fp32), device="cpu").pipe.transformer)
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(path))
+    half = load_model(str(path), device="cpu", dtype="bfloat16", config=str(bf16))
+    assert seen == [{torch.bfloat16}] and _dtypes(half.pipe) == {torch.bfloat16}  # never float32 on the way
+    assert half.fingerprint == load_model(str(path), device="cpu", dtype="float32", config=str(bf16)).fingerprint
+
+
 def test_a_mixed_file_loads_in_float32(tmp_path):
     from safetensors.torch import save_file
 
