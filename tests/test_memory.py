@@ -155,3 +155,30 @@ def test_offload_calls_diffusers_on_a_cuda_device(mode, method, monkeypatch):
     assert loaded.device == torch.device("cuda")
     assert loaded.pipe.unet.device.type == "cpu"  # left on the CPU for diffusers' hooks to move
     assert loaded.fingerprint == load_model("tiny-sd", device="cpu").fingerprint
+
+
+def test_an_fp16_sd_single_file_loads_in_fp16_with_its_fingerprint(tmp_path, monkeypatch):
+    import diffusers
+
+    from _ldm import save_ldm_checkpoint
+    from conceptkit.models.load import build_tiny
+
+    pipe = build_tiny("tiny-sd")
+    pipe.save_pretrained(tmp_path / "config", safe_serialization=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, dtype=torch.float16)
+    path = save_ldm_checkpoint(pipe, tmp_path / "tiny-sd-fp16.safetensors")
+    assert memory.file_dtype(path, torch.float16) == torch.float16
+    seen = []
+    real = diffusers.StableDiffusionPipeline.from_single_file.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs["torch_dtype"])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", classmethod(spy))
+    half = load_model(str(path), device="cpu", dtype="float16", config=str(tmp_path / "config"))
+    full = load_model(str(path), device="cpu", dtype="float32", config=str(tmp_path / "config"))
+    assert seen == [torch.float16, torch.float32] and _dtypes(half.pipe) == {torch.float16}
+    assert half.fingerprint == full.fingerprint
