@@ -109,7 +109,8 @@ def test_a_mixed_file_loads_in_float32(tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    ["harvest", "a shape", "--samples", "1"], ["generate", "a shape", "--count", "1"], ["cluster", "a shape", "--samples", "2"],
+    ["harvest", "a shape", "--samples", "1"], ["generate", "a shape", "--count", "1"],
+    ["cluster", "a shape", "--samples", "2", "--importance", "activation"],
 ])
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_on_a_cpu_is_one_line_before_any_work(command, mode, tmp_path, monkeypatch):
@@ -129,6 +130,8 @@ def test_an_unknown_offload_and_offloaded_slider_training_are_one_line(tmp_path)
     r = runner.invoke(app, ["generate", "a shape", "-m", "tiny-sd", "--slider", "0=1", "--offload", "sequential",
                             "--out", str(tmp_path / "o")])
     assert "does not work with sliders" in one_line_error(r)
+    r = runner.invoke(app, ["cluster", "a shape", "-m", "tiny-sd", "--offload", "model"])
+    assert "does not work with --importance grad" in one_line_error(r)
 
 
 def test_offload_none_changes_nothing(tmp_path):

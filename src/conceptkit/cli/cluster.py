@@ -98,6 +98,9 @@ def cluster(
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded
+    if offload.strip().lower() in ("model", "sequential") and importance == "grad":  # docs/models.md, "Memory"
+        raise UsageError(f"--offload {offload} does not work with --importance grad: it takes gradients with respect "
+                         "to the layer weights, which offload keeps off the GPU; use --importance activation")
     textual_inversion.check_token(token, embedding)
     if embedding is not None and prompt is not None:
         textual_inversion.check_in_prompts(token, [prompt])
