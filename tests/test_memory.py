@@ -132,6 +132,9 @@ def test_an_unknown_offload_and_offloaded_slider_training_are_one_line(tmp_path)
     assert "does not work with sliders" in one_line_error(r)
     r = runner.invoke(app, ["cluster", "a shape", "-m", "tiny-sd", "--offload", "model"])
     assert "does not work with --importance grad" in one_line_error(r)
+    r = runner.invoke(app, ["generate", "a <w>", "-m", "tiny-sd", "--embedding", str(tmp_path / "w.safetensors"),
+                            "--token", "<w>", "--offload", "sequential", "--out", str(tmp_path / "o")])
+    assert "does not work with --embedding" in one_line_error(r)
 
 
 def test_offload_none_changes_nothing(tmp_path):

@@ -98,6 +98,9 @@ def cluster(
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded
+    if offload.strip().lower() == "sequential" and embedding is not None:  # docs/models.md, "Memory"
+        raise UsageError("--offload sequential does not work with --embedding: the learned word resizes the text "
+                         "encoder's embedding table, which sequential offload keeps on the meta device; use --offload model")
     if offload.strip().lower() in ("model", "sequential") and importance == "grad":  # docs/models.md, "Memory"
         raise UsageError(f"--offload {offload} does not work with --importance grad: it takes gradients with respect "
                          "to the layer weights, which offload keeps off the GPU; use --importance activation")

@@ -62,6 +62,9 @@ def generate(
     textual_inversion.check_token(token, embedding)
     if embedding is not None:
         textual_inversion.check_in_prompts(token, [prompt])
+    if offload.strip().lower() == "sequential" and embedding is not None:  # docs/models.md, "Memory"
+        raise UsageError("--offload sequential does not work with --embedding: the learned word resizes the text "
+                         "encoder's embedding table, which sequential offload keeps on the meta device; use --offload model")
     if offload.strip().lower() in ("model", "sequential") and (slider or random_sliders):
         raise UsageError(f"--offload {offload} does not work with sliders: their LoRA bank stays on the device the "
                          "layers had when it was installed (the CPU, under offload); use --offload none")
