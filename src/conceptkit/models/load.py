@@ -169,8 +169,8 @@ def fingerprint_pipeline(pipe) -> str:
     sorted name order: name, shape and the bytes (as float32, on the CPU) of a strided sample of
     at most 4096 elements. The storage dtype is deliberately left out, so fp16 weights and their
     exact fp32 upcast share a fingerprint; `load_model` fingerprints the weights as stored (fp32, or
-    their half dtype for a half run: `models/memory.py`) before casting, so CPU/GPU and fp32/fp16/bf16 runs of one model share it (`LoadedModel.identity()` carries
-    the dtype separately). The scheduler adds its class and config; a tokenizer its vocabulary.
+    their half dtype for a half run: `models/memory.py`) before casting, so CPU/GPU and
+    fp32/fp16/bf16 runs of one model share it (`LoadedModel.identity()` carries the dtype separately). The scheduler adds its class and config; a tokenizer its vocabulary.
     A change to a single element that the sample misses goes unnoticed.
 
     Args:
@@ -228,7 +228,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     # 1. find the weights and check what can be checked cheaply (before diffusers is even imported)
     load, source, names, file_arch = _locate(spec, config, torch_dtype)
 
-    # 2. load them on the CPU, as stored (fp32 when stored so or when the run is fp32)
+    # 2. load them on the CPU: fp32, or for a half run each component in the half dtype it is stored in
     with _quiet_loading():
         pipe = load()
 
