@@ -14,6 +14,7 @@ from conceptkit.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    OffloadOpt,
     JsonOpt,
     ModelOpt,
     app,
@@ -33,7 +34,8 @@ def _with_embedding(loaded, embedding, token, prompts):
     return textual_inversion.add_embedding(loaded, embedding, token)
 
 
-def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on, embedding=None, token=None):
+def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device, dtype, config, bar_on, embedding=None, token=None,
+             offload="none"):
     """(loaded model, harvest folder): the given harvest, or a fresh (cached) one of PROMPT."""
     from conceptkit import harvest as stage  # deferred: --help loads no torch
     from conceptkit import store  # deferred: --help loads no torch
@@ -45,10 +47,10 @@ def _harvest(prompt, harvest_key, model, samples, steps, guidance, seed, device,
         manifest = art.manifest()
         if not manifest.get("samples"):
             raise UsageError(f"harvest {art.key} holds no samples; run `conceptkit harvest` again to complete it")
-        loaded = open_model(model or manifest["model"]["spec"], device, dtype, config, flow=True)
+        loaded = open_model(model or manifest["model"]["spec"], device, dtype, config, flow=True, offload=offload)
         return _with_embedding(loaded, embedding, token, manifest["prompts"]), art.path
     cfg = stage.HarvestConfig(prompts=(prompt,), samples=samples, steps=steps, guidance=guidance, seed=seed)
-    loaded = _with_embedding(open_model(model, device, dtype, config, flow=True), embedding, token, [prompt])
+    loaded = _with_embedding(open_model(model, device, dtype, config, flow=True, offload=offload), embedding, token, [prompt])
     with ui.progress("harvest", unit="samples", enabled=bar_on) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     return loaded, result.path
@@ -84,6 +86,7 @@ def cluster(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="References per UNet call.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -95,6 +98,12 @@ def cluster(
 
     started = time.perf_counter()
     # 1. settings first: bad input fails before any model is loaded
+    if offload.strip().lower() == "sequential" and embedding is not None:  # docs/models.md, "Memory"
+        raise UsageError("--offload sequential does not work with --embedding: the learned word resizes the text "
+                         "encoder's embedding table, which sequential offload keeps on the meta device; use --offload model")
+    if offload.strip().lower() in ("model", "sequential") and importance == "grad":  # docs/models.md, "Memory"
+        raise UsageError(f"--offload {offload} does not work with --importance grad: it takes gradients with respect "
+                         "to the layer weights, which offload keeps off the GPU; use --importance activation")
     textual_inversion.check_token(token, embedding)
     if embedding is not None and prompt is not None:
         textual_inversion.check_in_prompts(token, [prompt])
@@ -109,7 +118,7 @@ def cluster(
     bar_on = not json_out or sys.stderr.isatty()
     # 2. the harvest (cached), then Picasso: neuron statistics (cached), clustering, sweeps, one artifact
     loaded, harvest_path = _harvest(prompt, harvest, model, samples, steps, guidance, seed, device, dtype, config, bar_on,
-                                    embedding, token)
+                                    embedding, token, offload)
     with ui.stage_progress({"neurons": "steps", "sweep": "fits"}, enabled=bar_on) as bar:
         doc = pipeline.run(loaded, harvest_path, ncfg, ccfg, sweeps=sweeps, plots_dir=plots, progress=bar, on_wait=ui.info,
                            embedding={"path": str(embedding), "token": token} if embedding is not None else None)

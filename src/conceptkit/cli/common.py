@@ -94,6 +94,7 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
+OffloadOpt = Annotated[str, typer.Option(help="none, model (each component on the GPU only for its forward) or sequential (weights streamed layer by layer: least GPU memory, slowest); CUDA only.")]
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option(help="Diffusers config folder (or hub id) for a single-file .safetensors model.", show_default=False),
@@ -170,19 +171,22 @@ def command(fn):
 
 
 def open_model(model: str | None, device: str, dtype: str, config: Path | None, encoders: Sequence[str | None] = (),
-               flow: bool = False):
+               flow: bool = False, offload: str = "none"):
     """Load the model, first naming and downloading every hub repository the run needs (model, configs, encoders).
 
     Args:
         encoders: `--encoder` specs the run will load after the model (`auto` resolves against the model).
         flow: the command handles FLUX / SD3 (flow-matching transformers); the others refuse them in one line.
+        offload: --offload (none|model|sequential), refused off CUDA before anything is downloaded or loaded.
     """
     import torch
 
     from conceptkit import features  # deferred: --help loads no torch
     from conceptkit.models.load import hub_needs, load_model, resolve_device, resolve_dtype  # deferred: --help loads no torch
+    from conceptkit.models.memory import check_offload  # deferred: --help loads no torch
 
     spec = model_spec(model)
+    check_offload(offload, resolve_device(device))
     half = resolve_dtype(dtype, resolve_device(device)) in (torch.float16, torch.bfloat16)
     needs = hub_needs(spec, config, prefer_fp16=half)
     for encoder in encoders:
@@ -190,7 +194,7 @@ def open_model(model: str | None, device: str, dtype: str, config: Path | None, 
     # one unwrapped line per repository to download, then huggingface_hub's progress bars
     hub.prepare(needs, say=lambda line: ui.err.print(line, soft_wrap=True, markup=False))
     with ui.err.status(f"loading {spec}"):
-        loaded = load_model(spec, device=device, dtype=dtype, config=config)
+        loaded = load_model(spec, device=device, dtype=dtype, config=config, offload=offload)
     if loaded.arch in ("flux", "sd3") and not flow:
         ctx = click_context()
         name = f"`{ctx.command_path}`" if ctx is not None else "this command"

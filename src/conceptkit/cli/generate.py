@@ -9,10 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from conceptkit import ui
+from conceptkit.errors import UsageError
 from conceptkit.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    OffloadOpt,
     JsonOpt,
     ModelOpt,
     app,
@@ -45,6 +47,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per sampler call.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -59,7 +62,13 @@ def generate(
     textual_inversion.check_token(token, embedding)
     if embedding is not None:
         textual_inversion.check_in_prompts(token, [prompt])
-    loaded = open_model(model, device, dtype, config, flow=True)
+    if offload.strip().lower() == "sequential" and embedding is not None:  # docs/models.md, "Memory"
+        raise UsageError("--offload sequential does not work with --embedding: the learned word resizes the text "
+                         "encoder's embedding table, which sequential offload keeps on the meta device; use --offload model")
+    if offload.strip().lower() in ("model", "sequential") and (slider or random_sliders):
+        raise UsageError(f"--offload {offload} does not work with sliders: their LoRA bank stays on the device the "
+                         "layers had when it was installed (the CPU, under offload); use --offload none")
+    loaded = open_model(model, device, dtype, config, flow=True, offload=offload)
     if embedding is not None:
         loaded = textual_inversion.add_embedding(loaded, embedding, token)
     with ui.progress("generate", unit="images", enabled=not json_out or sys.stderr.isatty()) as bar:

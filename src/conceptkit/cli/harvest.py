@@ -13,6 +13,7 @@ from conceptkit.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    OffloadOpt,
     JsonOpt,
     ModelOpt,
     open_model,
@@ -58,6 +59,7 @@ def harvest(
     width: Annotated[Optional[int], typer.Option(help="Image width. Default: the model's.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
     config: ConfigOpt = None,
     save_images: Annotated[Optional[Path], typer.Option(help="Also decode the final images and write them as PNGs here.", show_default=False)] = None,
     json_out: JsonOpt = False,
@@ -85,7 +87,7 @@ def harvest(
         from accelerate import PartialState
 
         device = str(PartialState().device)
-    loaded = open_model(model, device, dtype, config, flow=True)
+    loaded = open_model(model, device, dtype, config, flow=True, offload=offload)
     with ui.progress("harvest", unit="samples", enabled=proc == 0 and (not json_out or sys.stderr.isatty())) as bar:
         result = stage.run(loaded, cfg, progress=bar, on_wait=ui.info)
     if proc != 0:  # one report per launch, from the main process

@@ -14,6 +14,7 @@ from conceptkit.cli.common import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    OffloadOpt,
     JsonOpt,
     ModelOpt,
     app,
@@ -77,6 +78,7 @@ def train(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute UNet and VAE-decoder activations in backward: less memory for large models, same sliders, slower steps.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "none",
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -97,6 +99,10 @@ def train(
     given = dict(samples=samples, train_steps=train_steps, pairs=pairs, lr=lr, calibration_seeds=calibration_seeds,
                  directions=directions, x0=x0)
     settings(slider_defaults.resolve(slider_defaults.QUICK, **given)[0])  # bad input fails before the model loads
+    if offload.strip().lower() in ("model", "sequential"):  # docs/models.md, "Memory"
+        raise UsageError(f"--offload {offload} does not work with `sliders train`: the trained LoRA bank stays on the "
+                         "device the layers had when it was installed (the CPU, under offload), and training "
+                         "backpropagates through weights that offload moves away; use --offload none")
     from conceptkit.parallel import processes  # deferred: --help loads no torch
 
     proc, world = processes()  # this process's index and the process count under `accelerate launch`

@@ -103,18 +103,22 @@ def flux_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def load_flow_transformer(path, family: str, config_dir, label: str):
-    """The transformer of a FLUX or SD3 single file, with the architecture of `config_dir`/transformer, fp32, CPU."""
+def load_flow_transformer(path, family: str, config_dir, label: str, dtype: torch.dtype = torch.float32):
+    """The transformer of a FLUX or SD3 single file, with the architecture of `config_dir`/transformer, on the CPU
+    in `dtype` (float32, or the half dtype the file is stored in: `models/memory.py`). FLUX's is built on the meta
+    device and takes the file's tensors as its own (`assign`), so its weights exist once, never in float32 first."""
     import diffusers
     from safetensors.torch import load_file
 
     try:
         if family == "sd3":
             return diffusers.SD3Transformer2DModel.from_single_file(
-                str(path), config=str(config_dir), subfolder="transformer", local_files_only=True, torch_dtype=torch.float32)
+                str(path), config=str(config_dir), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
         cls = diffusers.FluxTransformer2DModel
-        model = cls.from_config(cls.load_config(str(config_dir), subfolder="transformer"))
-        missing, unexpected = model.load_state_dict(flux_to_diffusers(load_file(str(path))), strict=False)
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(str(config_dir), subfolder="transformer"))
+        state = {k: v.to(dtype) for k, v in flux_to_diffusers(load_file(str(path))).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except UnsupportedModelError:
         raise
     except Exception as err:  # shapes that do not fit, a broken file: one line
@@ -124,4 +128,7 @@ def load_flow_transformer(path, family: str, config_dir, label: str):
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise UnsupportedModelError(f"{path.name} does not fit the transformer of config {label} ({what}); "
                                     "pass the --config of the same FLUX variant")
-    return model.to(torch.float32).eval()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # a buffer the file does not hold (none in diffusers 0.42's FluxTransformer2DModel)
+        raise UnsupportedModelError(f"{path.name}: the transformer's {left[0]} was not in the file")
+    return model.eval()

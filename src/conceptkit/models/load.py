@@ -2,9 +2,9 @@
 
 A hub id is looked up in the local Hugging Face cache first and downloaded into it when missing
 (`hub`); offline, a model that is not on disk fails at once with a line saying how to get it.
-diffusers itself only ever reads local folders. Weights are loaded in fp32
-on the CPU, fingerprinted, then moved to the requested device and dtype, so the fingerprint
-names the weights whatever device or precision a run uses. Handles SD 1.x / 2.x
+diffusers itself only ever reads local folders. Weights are loaded on the CPU exactly as stored
+(a half run loads half-stored weights in their dtype, `models/memory.py`), fingerprinted, then moved
+and cast, so the fingerprint names the weights whatever device or precision a run uses. Handles SD 1.x / 2.x
 (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`), few-step distilled variants
 included (Turbo, LCM, DMD, Lightning: through sampling defaults), and the flow-matching transformers
 FLUX.1 (`FluxPipeline`) and SD3 / SD3.5 (`StableDiffusion3Pipeline`, `models/flow.py`); anything else is refused.
@@ -33,6 +33,7 @@ from conceptkit.models.sources import (
 )
 from conceptkit.models.flow import FLOW_BUILTINS, FLOW_PIPELINES, FLOW_TINY_NAMES, build_flow_tiny, flow_defaults
 from conceptkit.models.full import FULL_NAMES, build_full
+from conceptkit.models.memory import apply_offload, check_offload, move_and_cast
 from conceptkit.models.single_file import check_config_matches, inspect_single_file, load_single_file
 from conceptkit.models.tiny import TINY_NAMES, build_tiny
 from conceptkit.toy.model import sampling_defaults as toy_defaults
@@ -59,7 +60,7 @@ class LoadedModel:
     spec: str  # what the user passed to --model
     arch: str  # "sd1" | "sd2" | "sdxl" | "flux" | "sd3"
     source: str  # "builtin" | "hub-cache" | "folder" | "single-file"
-    fingerprint: str  # sha256 hex of the weights as loaded (fp32, before any cast): see fingerprint_pipeline
+    fingerprint: str  # sha256 hex of the weights as stored (before any cast): see fingerprint_pipeline
     device: torch.device
     dtype: torch.dtype
     default_steps: int  # sampling steps that suit this model (1-4 for few-step distilled models)
@@ -167,9 +168,9 @@ def fingerprint_pipeline(pipe) -> str:
     Components in sorted name order; for a torch module, its class and each state-dict entry in
     sorted name order: name, shape and the bytes (as float32, on the CPU) of a strided sample of
     at most 4096 elements. The storage dtype is deliberately left out, so fp16 weights and their
-    exact fp32 upcast share a fingerprint; `load_model` fingerprints the fp32 load before casting,
-    so CPU/GPU and fp32/fp16/bf16 runs of one model share it (`LoadedModel.identity()` carries
-    the dtype separately). The scheduler adds its class and config; a tokenizer its vocabulary.
+    exact fp32 upcast share a fingerprint; `load_model` fingerprints the weights as stored (fp32, or
+    their half dtype for a half run: `models/memory.py`) before casting, so CPU/GPU and
+    fp32/fp16/bf16 runs of one model share it (`LoadedModel.identity()` carries the dtype separately). The scheduler adds its class and config; a tokenizer its vocabulary.
     A change to a single element that the sample misses goes unnoticed.
 
     Args:
@@ -204,7 +205,8 @@ def _tensor_sample(tensor: torch.Tensor) -> bytes:
 
 # ---- loading -------------------------------------------------------------------------------
 
-def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: str | Path | None = None) -> LoadedModel:
+def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: str | Path | None = None,
+               offload: str = "none") -> LoadedModel:
     """Load `spec` (downloading a missing hub id unless offline) and return it on the chosen device and dtype.
 
     Args:
@@ -214,17 +216,19 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
         dtype: auto|float32|float16|bfloat16.
         config: for a single file only: a diffusers folder or cached hub id holding the configs
             and tokenizers; by default the architecture's canonical repo (downloaded if missing).
+        offload: none|model|sequential: diffusers' CPU offload, CUDA only (`memory.apply_offload`).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    offload = check_offload(offload, torch_device)
     spec = str(spec)
     if config is not None and not is_single_file_spec(spec):
         raise UsageError("--config applies to single-file (.safetensors) checkpoints only")
 
     # 1. find the weights and check what can be checked cheaply (before diffusers is even imported)
-    load, source, names, file_arch = _locate(spec, config, prefer_fp16=torch_dtype in (torch.float16, torch.bfloat16))
+    load, source, names, file_arch = _locate(spec, config, torch_dtype)
 
-    # 2. load them: fp32, on the CPU
+    # 2. load them on the CPU: fp32, or for a half run each component in the half dtype it is stored in
     with _quiet_loading():
         pipe = load()
 
@@ -240,7 +244,8 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
     pipe.set_progress_bar_config(disable=True)
     if arch == "flux" and torch_dtype == torch.float16 and str(dtype or "auto").lower() == "auto":
         torch_dtype = torch.bfloat16  # FLUX.1 overflows in float16 (its activations exceed 65504); BFL ships bf16
-    _move(pipe, torch_device, torch_dtype)
+    move_and_cast(pipe, torch_device if offload == "none" else torch.device("cpu"), torch_dtype)
+    apply_offload(pipe, offload, torch_device)
     return LoadedModel(
         pipe=pipe, spec=spec, arch=arch, source=source, fingerprint=fingerprint, device=torch_device,
         dtype=torch_dtype, default_steps=steps, default_guidance=guidance,
@@ -248,10 +253,10 @@ def load_model(spec: str, *, device: str = "auto", dtype: str = "auto", config: 
 
 
 def _locate(
-    spec: str, config: str | Path | None, prefer_fp16: bool = False
+    spec: str, config: str | Path | None, target: torch.dtype = torch.float32
 ) -> tuple[Callable[[], DiffusionPipeline], str, str, str | None]:
-    """(a loader of the pipeline in fp32 on the CPU, its source, the names to read sampling hints from,
-    the architecture a single file's keys show or None).
+    """(a loader of the pipeline on the CPU as stored for a run in `target`, its source, the names to read
+    sampling hints from, the architecture a single file's keys show or None).
 
     Everything that can fail without reading weights fails here, in a fraction of a second.
     """
@@ -264,11 +269,11 @@ def _locate(
     if spec == "toy":
         folder = toy_folder()
         check_folder(folder, spec)
-        return (lambda: load_folder(folder, spec)), "builtin", spec, None
+        return (lambda: load_folder(folder, spec, target)), "builtin", spec, None
     if spec == "toy-turbo":  # its name makes `_sampling_defaults` pick Turbo's defaults: 1 step, no guidance
         folder = turbo_folder()
         check_folder(folder, spec)
-        return (lambda: load_folder(folder, spec)), "builtin", spec, None
+        return (lambda: load_folder(folder, spec, target)), "builtin", spec, None
     if looks_like_path(spec):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -278,13 +283,13 @@ def _locate(
             config_dir, label = resolve_single_file_config(info.config_key, config, path)
             check_config_matches(info, config_dir, label)
             names = f"{path.name} {Path(label).name}"
-            return (lambda: load_single_file(info, config_dir, label)), "single-file", names, info.arch
+            return (lambda: load_single_file(info, config_dir, label, target)), "single-file", names, info.arch
         check_folder(path, spec)
-        return (lambda: load_folder(path, spec)), "folder", path.resolve().name, None
+        return (lambda: load_folder(path, spec, target)), "folder", path.resolve().name, None
     if HUB_ID_RE.match(spec):
-        snapshot = hub.resolve(pipeline_need(spec, prefer_fp16))
+        snapshot = hub.resolve(pipeline_need(spec, target in (torch.float16, torch.bfloat16)))
         check_folder(snapshot, spec)
-        return (lambda: load_folder(snapshot, spec)), "hub-cache", spec, None
+        return (lambda: load_folder(snapshot, spec, target)), "hub-cache", spec, None
     choices = ", ".join(b.name for b in BUILTINS)
     raise ModelNotFoundError(
         f"unknown model {spec!r}: not a built-in ({choices}), a Hugging Face id (org/name), "
@@ -326,21 +331,6 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
-
-
-def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
-    """Move every module of `pipe` to `device` and cast it to `dtype`.
-
-    Per module and through `torch.nn.Module.to`: diffusers' `ModelMixin.to` warns about
-    fp32-only modules on every dtype cast, even when a model has none.
-    """
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        if getattr(component, "_keep_in_fp32_modules", None):
-            component.to(device=device, dtype=dtype)
-        else:
-            torch.nn.Module.to(component, device=device, dtype=dtype)
 
 
 def _pipeline_arch(pipe, spec: str) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from conceptkit.errors import UnsupportedModelError, UsageError
 from conceptkit.models.flow_single_file import FLOW_CONFIG_REPOS, flow_file_arch, load_flow_transformer
+from conceptkit.models.memory import file_dtype, folder_dtypes
 
 SAFE_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -176,6 +177,7 @@ def check_config_matches(info: SingleFileInfo, config_dir: Path, config_label: s
         info: what `inspect_single_file` found.
         config_dir: a local diffusers folder holding the pipeline's configs and tokenizer(s).
         config_label: how to name the config in messages (the --config value or the hub id).
+        target: the run's dtype.
     """
     family, context = config_arch(config_dir)
     wanted = info.arch if info.arch in ("sdxl", "flux", "sd3") else "sd"
@@ -198,8 +200,9 @@ def check_config_matches(info: SingleFileInfo, config_dir: Path, config_label: s
         )
 
 
-def load_single_file(info: SingleFileInfo, config_dir: Path, config_label: str):
-    """Load a checkpoint with diffusers' `from_single_file`, offline, fp32, on the CPU.
+def load_single_file(info: SingleFileInfo, config_dir: Path, config_label: str, target: torch.dtype = torch.float32):
+    """Load a checkpoint with diffusers' `from_single_file`, offline, on the CPU: fp32, or for a half
+    `target` in the half dtype the file (and each config component) is stored in (`models/memory.py`).
 
     Args:
         info: what `inspect_single_file` found.
@@ -210,11 +213,11 @@ def load_single_file(info: SingleFileInfo, config_dir: Path, config_label: str):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if info.arch in ("flux", "sd3"):
-        transformer = load_flow_transformer(info.path, info.arch, config_dir, config_label)
+        transformer = load_flow_transformer(info.path, info.arch, config_dir, config_label, file_dtype(info.path, target))
         cls = FluxPipeline if info.arch == "flux" else StableDiffusion3Pipeline
         try:
             return cls.from_pretrained(config_dir, transformer=transformer, local_files_only=True, use_safetensors=True,
-                                       torch_dtype=torch.float32)
+                                       torch_dtype=folder_dtypes(config_dir, None, target))
         except Exception as err:  # the config folder's other components missing or broken
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise UnsupportedModelError(f"could not load the components of {info.path.name} from {config_label}: {first[:300]}") from err
@@ -226,7 +229,7 @@ def load_single_file(info: SingleFileInfo, config_dir: Path, config_label: str):
         extra = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
     try:
         return cls.from_single_file(
-            str(info.path), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32, **extra
+            str(info.path), config=str(config_dir), local_files_only=True, torch_dtype=file_dtype(info.path, target), **extra
         )
     except Exception as err:  # diffusers raises ValueError, OSError, RuntimeError... for a bad pair
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -21,6 +21,7 @@ from conceptkit.models.flow_single_file import FLOW_CONFIG_REPOS
 from conceptkit.models.full import FULL_NAMES
 from conceptkit.models.hub import cached_snapshot, hf_cache_dir  # noqa: F401 - re-exported: where cached models live
 from conceptkit.models.hub_files import PIPELINE_ARCH
+from conceptkit.models.memory import folder_dtypes
 from conceptkit.models.single_file import CANONICAL_CONFIG_REPOS, inspect_single_file
 from conceptkit.models.tiny import TINY_NAMES
 
@@ -137,8 +138,9 @@ def check_folder(folder: Path, spec: str) -> tuple[str, str | None]:
     return family, check_pipeline_weights(folder, index, spec)
 
 
-def load_folder(folder: Path, spec: str):
-    """Load a diffusers pipeline folder (a local folder or a cached snapshot) in fp32 on the CPU."""
+def load_folder(folder: Path, spec: str, target: torch.dtype = torch.float32):
+    """Load a diffusers pipeline folder (a local folder or a cached snapshot) on the CPU: fp32, or for a
+    half `target` each component in the half dtype it is stored in (`memory.folder_dtypes`)."""
     family, variant = check_folder(folder, spec)
     import diffusers
 
@@ -151,7 +153,8 @@ def load_folder(folder: Path, spec: str):
         extra = {"safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
     try:
         return cls.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32, variant=variant, **extra
+            folder, local_files_only=True, use_safetensors=True, torch_dtype=folder_dtypes(folder, variant, target),
+            variant=variant, **extra
         )
     except Exception as err:  # diffusers and transformers raise OSError, ValueError, EnvironmentError...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
