@@ -174,3 +174,20 @@ def test_targets_are_checked_before_the_harvest(targets, why, tmp_path, monkeypa
     line = one_line_error(result)
     assert "--targets" in line and why in line
     assert not any(tmp_path.rglob("*.safetensors"))  # no harvest ran
+
+
+def test_random_baseline_keeps_each_conv_slider_norm():
+    """`evaluate`'s random rank-1 control on conv factors (K, r, in, kh, kw): one norm per slider, as for linear ones."""
+    from types import SimpleNamespace
+
+    from conceptkit.evaluate.slider_draws import randomise
+
+    bank = torch.nn.Module()
+    bank.a = torch.nn.Parameter(torch.rand(3, 1, 8, 3, 3) * torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1, 1, 1))
+    bank.b = torch.nn.Parameter(torch.rand(3, 16, 1))
+    before = [torch.linalg.vector_norm(p.detach(), dim=tuple(range(1, p.ndim))) for p in bank.parameters()]
+    old = [p.detach().clone() for p in bank.parameters()]
+    randomise(SimpleNamespace(banks={"s": bank}), "s")
+    for p, n, o in zip(bank.parameters(), before, old):
+        after = torch.linalg.vector_norm(p.detach(), dim=tuple(range(1, p.ndim)))
+        assert torch.allclose(after, n, rtol=0.5) and not torch.equal(p.detach(), o)

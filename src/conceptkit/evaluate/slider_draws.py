@@ -42,7 +42,8 @@ def randomise(mod, set_name: str, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in mod.banks[set_name].parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * p.norm(dim=tuple(range(1, p.ndim)), keepdim=True) / p[0].numel() ** 0.5)  # one norm per slider, conv factors too
+            norms = torch.linalg.vector_norm(p, dim=tuple(range(1, p.ndim)), keepdim=True)  # one norm per slider, conv factors too
+            p.copy_(torch.randn(p.shape, generator=gen) * norms / p[0].numel() ** 0.5)
 
 
 def signed_images(model, sset, indices: Sequence[int], seeds: Sequence[int], strength: float, *, random_directions: bool = False,
