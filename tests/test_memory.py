@@ -21,6 +21,19 @@ from _cli import one_line_error  # noqa: E402
 runner = CliRunner()
 
 
+def _spy_dtypes(monkeypatch, cls, method: str) -> list:
+    """The `torch_dtype` of every call to the classmethod `cls.method`, which still runs."""
+    seen = []
+    real = getattr(cls, method).__func__
+
+    def spy(klass, *args, **kwargs):
+        seen.append(kwargs["torch_dtype"])
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, classmethod(spy))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def flux_folders(tmp_path_factory):
     """tiny-flux saved twice: as built (float32) and cast to bfloat16 (as FLUX.1-dev is published)."""
@@ -45,14 +58,7 @@ def test_a_half_run_loads_half_stored_weights_in_their_dtype(flux_folders, monke
     assert {dtypes[n] for n in ("transformer", "vae", "text_encoder", "text_encoder_2")} == {torch.bfloat16}
     import diffusers
 
-    seen = []
-    real = diffusers.FluxPipeline.from_pretrained.__func__
-
-    def spy(cls, *args, **kwargs):
-        seen.append(kwargs["torch_dtype"])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", classmethod(spy))
+    seen = _spy_dtypes(monkeypatch, diffusers.FluxPipeline, "from_pretrained")
     half = load_model(str(bf16), device="cpu", dtype="bfloat16")
     assert seen[0]["transformer"] == torch.bfloat16 and _dtypes(half.pipe) == {torch.bfloat16}
     full = load_model(str(bf16), device="cpu", dtype="float32")
@@ -176,14 +182,7 @@ def test_an_fp16_sd_single_file_loads_in_fp16_with_its_fingerprint(tmp_path, mon
             torch.nn.Module.to(component, dtype=torch.float16)
     path = save_ldm_checkpoint(pipe, tmp_path / "tiny-sd-fp16.safetensors")
     assert memory.file_dtype(path, torch.float16) == torch.float16
-    seen = []
-    real = diffusers.StableDiffusionPipeline.from_single_file.__func__
-
-    def spy(cls, *args, **kwargs):
-        seen.append(kwargs["torch_dtype"])
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", classmethod(spy))
+    seen = _spy_dtypes(monkeypatch, diffusers.StableDiffusionPipeline, "from_single_file")
     half = load_model(str(path), device="cpu", dtype="float16", config=str(tmp_path / "config"))
     full = load_model(str(path), device="cpu", dtype="float32", config=str(tmp_path / "config"))
     assert seen == [torch.float16, torch.float32] and _dtypes(half.pipe) == {torch.float16}

@@ -25,7 +25,7 @@ from conceptkit.diffusion import sample, same_weights
 from conceptkit.errors import UsageError
 from conceptkit.figures import grid_image, with_column_labels
 from conceptkit.infotext import write_png
-from conceptkit.models.flow import check_guidance, denoiser
+from conceptkit.models.flow import cfg_batches as guidance_batches, check_guidance, denoiser
 from conceptkit.picasso import subconcepts
 from conceptkit.sliders.apply import SliderModification
 from conceptkit.sliders.lora_import import open_loras, parse_lora
@@ -165,7 +165,7 @@ def run(model, cfg: GenerateConfig, progress=None, warn: Warn = lambda _m: None)
     specs = [subconcepts.parse_spec(text) for text in cfg.subconcepts]
     resolved = [(spec, subconcepts.resolve(spec, model)) for spec in specs]
     # 1c. every --lora file checked against this UNet, then loaded first: slider hooks go on top of its layers
-    cfg_batches = guidance > 1.0 and model.arch != "flux"  # FLUX's guidance is embedded: one batch
+    cfg_batches = guidance_batches(model, guidance)
     lmod = open_loras(model, cfg.loras, cfg_batches=cfg_batches)
     try:
         mod = SliderModification(denoiser(model.pipe), chosen, cfg_batches=cfg_batches) if chosen else None

@@ -125,7 +125,7 @@ def train(
     values, from_profile = slider_defaults.resolve(profile, **given)
     cfg = settings(values, loaded.arch)
     defaults_doc = {**profile.as_dict(), "from_profile": from_profile}
-    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {values[n]:g}" if not isinstance(values[n], str) else f"{n.replace('_', ' ')} {values[n]}" for n in from_profile)
+    used = (f"defaults for {profile.profile}: " + ", ".join(f"{n.replace('_', ' ')} {_shown(values[n])}" for n in from_profile)
             + f" ({profile.why})") if from_profile else None
     if dry_run:
         _dry_run(loaded, cfg, defaults_doc, json_out, used)
@@ -144,6 +144,11 @@ def train(
     if used:
         ui.info(used)
     ui.info(f"set {sset.name}  {sset.path}" + ("  (cached)" if sset.cached else f"  {sset.seconds:.0f}s"))
+
+
+def _shown(value) -> str:
+    """A default's value as the defaults line shows it: numbers in %g, words as they are."""
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def _dry_run(loaded, cfg, defaults_doc: dict, json_out: bool, used: str | None) -> None:

@@ -204,6 +204,12 @@ def has_guidance(pipe) -> bool:
     return True
 
 
+def cfg_batches(model, guidance: float) -> bool:
+    """Whether the denoiser's batch is [uncond; cond]: classifier-free guidance above 1, which FLUX never runs
+    (its guidance is embedded: one batch)."""
+    return guidance > 1.0 and getattr(model, "arch", "") != "flux"
+
+
 def check_guidance(model, guidance: float | None) -> None:
     """Refuse an explicit guidance scale for a model that has none (FLUX.1-schnell), in one line."""
     if guidance is not None and is_flow(model) and not has_guidance(model.pipe):

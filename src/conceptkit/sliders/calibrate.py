@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from conceptkit.diffusion import sample, window_steps
+from conceptkit.models.flow import cfg_batches
 
 TARGET = 0.27  # mean shift per side at strength 1, in standard deviations of the harvested images along each direction (docs/sliders.md: chosen on the toy)
 SEED_BASE = 900_000  # calibration seeds: SEED_BASE, SEED_BASE + 1, ...
@@ -42,7 +43,6 @@ class Calibration:
     sigma: np.ndarray  # (K,) std of the harvested final images' embeddings along each direction
     before: np.ndarray  # (K,) response at strength 1 before calibration (shift per side / sigma)
     after: np.ndarray  # (K,) the same at the calibrated scale
-    shift: np.ndarray  # (K, d) mean embedding of the final images at +1 minus at -1, calibrated
     note: str = ""  # why c stayed 1, when it did
 
     def to_json(self) -> dict:
@@ -87,14 +87,13 @@ class _Window:
 
 
 def response(model, bank, encoder, prompt: str, directions: np.ndarray, sigma: np.ndarray, *, scale: float, seeds: int,
-             steps: int, guidance: float, start: float, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """At strength +-`scale`: (K,) mean shift per side along each slider's direction over `seeds` seeds, in units of
-    sigma, and the (K, d) mean embedding shift between the +scale and -scale images."""
+             steps: int, guidance: float, start: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(K,) mean shift per side along each slider's direction at strength +-`scale`, over `seeds` seeds, in units of sigma."""
     k = bank.num_sliders
-    window = _Window(bank, start, guidance > 1.0 and getattr(model, "arch", "") != "flux")  # FLUX's guidance is embedded: one batch
+    window = _Window(bank, start, cfg_batches(model, guidance))
     seed_list = [SEED_BASE + i for i in range(seeds)]
     v = torch.as_tensor(np.asarray(directions), dtype=torch.float32)
-    out, shift = np.zeros(k), np.zeros((k, v.shape[1]))
+    out = np.zeros(k)
     try:
         for slider in range(k):
             ends = []
@@ -105,11 +104,10 @@ def response(model, bank, encoder, prompt: str, directions: np.ndarray, sigma: n
                 ends.append(encoder.embed(sample(model, prompt, seed_list, steps, guidance, [window])))
                 if progress:
                     progress(seeds)
-            shift[slider] = (ends[1] - ends[0]).mean(0).numpy()
-            out[slider] = float(shift[slider] @ v[slider].numpy()) / 2
+            out[slider] = float((ends[1] - ends[0]).mean(0).double() @ v[slider].double()) / 2
     finally:
         bank.set_dense_routing(None)
-    return out / np.maximum(np.asarray(sigma, np.float64), 1e-12), shift
+    return out / np.maximum(np.asarray(sigma, np.float64), 1e-12)
 
 
 def calibrate(model, bank, encoder, prompt: str, directions: np.ndarray, final_embeddings: np.ndarray, *, seeds: int,
@@ -117,25 +115,25 @@ def calibrate(model, bank, encoder, prompt: str, directions: np.ndarray, final_e
     """Find c (see the module doc), fold it into the bank's lora_B and return what was measured."""
     sigma = spread(final_embeddings, directions)
 
-    def measure(c: float) -> tuple[np.ndarray, np.ndarray]:
+    def measure(c: float) -> np.ndarray:
         return response(model, bank, encoder, prompt, directions, sigma, scale=c, seeds=seeds, steps=steps,
                         guidance=guidance, start=start, progress=progress)
 
-    before, shift0 = measure(1.0)
+    before = measure(1.0)
     r0 = float(before.mean())
     c1 = next_scale(1.0, r0)
-    r1 = float(measure(c1)[0].mean())
+    r1 = float(measure(c1).mean())
     c = next_scale(1.0, r0, c1, r1)
-    after, shift = measure(c)
+    after = measure(c)
     note = ""
     if not float(after.mean()) > 0:
-        c, after, shift, note = 1.0, before, shift0, "the sliders do not move the images along their directions: left at scale 1"
+        c, after, note = 1.0, before, "the sliders do not move the images along their directions: left at scale 1"
     with torch.no_grad():
         for b in bank.lora_B:
             b.mul_(c)
-    return Calibration(float(c), TARGET, seeds, sigma, before, after, shift, note)
+    return Calibration(float(c), TARGET, seeds, sigma, before, after, note)
 
 
-def images_to_measure(count: int, seeds: int) -> int:
-    """Images calibration samples: three measurements of every slider at -s and +s."""
-    return 3 * 2 * count * seeds
+def batches_to_sample(count: int) -> int:
+    """Sampling batches (of `seeds` images each) calibration runs: three measurements of every slider at -s and +s."""
+    return 3 * 2 * count

@@ -10,7 +10,7 @@ import torch
 from conceptkit import capacity
 from conceptkit.harvest import HarvestConfig
 from conceptkit.models.flow import native_size
-from conceptkit.sliders.calibrate import images_to_measure
+from conceptkit.sliders.calibrate import batches_to_sample
 from conceptkit.sliders.train import encode_conditioning, predict_x0
 
 
@@ -84,6 +84,6 @@ def make_plan(model, prompt: str, samples: int, steps: int | None, guidance: flo
         harvest_s=round(-(-samples // batch) * steps * call, 1),
         # backward costs about twice a forward pass; decoding and embedding x0 are left out
         train_s=round(train_steps * 3 * call * max(1.0, train_batch / batch), 1),
-        calibration_s=round(images_to_measure(count, calibration_seeds) / calibration_seeds * steps * call
-                            * max(1.0, calibration_seeds / batch), 1) if calibration_seeds else 0.0,
+        calibration_s=round(batches_to_sample(count) * steps * call * max(1.0, calibration_seeds / batch), 1)
+        if calibration_seeds else 0.0,
     )
